@@ -1,0 +1,20 @@
+"""flowgen — derive, generate and validate central flows of optimizers.
+
+The pipeline, one subpackage per stage (each imports only earlier ones):
+``language`` (parse → AST → checks) → ``symbolic`` (rates, classes, stability,
+drift) → ``flow`` (the intermediate :class:`FlowSpec`) → ``codegen`` (JAX
+source) → ``runtime`` (problems, eigensolver, SDCP, processes, validation) →
+``report`` and ``cli``. :func:`load` is the Python entry point.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "OptFile", "__version__"]
+
+
+def __getattr__(name):  # lazy: `import flowgen` stays light (no JAX on the derive path)
+    if name in ("load", "OptFile"):
+        from flowgen import api
+
+        return getattr(api, name)
+    raise AttributeError(name)

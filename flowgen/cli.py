@@ -1,0 +1,200 @@
+"""The ``flowgen`` command line.
+
+Every user error is a :class:`~flowgen.errors.FlowgenError`: printed like a
+compiler error on stderr, exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from flowgen import __version__
+from flowgen.errors import FlowgenError, UsageError
+
+
+def parse_sets(items: list[str] | None) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--set expects NAME=VALUE, got `{item}`", hint="e.g. --set lr=0.01")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise UsageError(f"--set {k}: `{v}` is not a number", hint="e.g. --set lr=3e-4") from None
+    return out
+
+
+def library_dirs() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    return [d for d in (Path.cwd() / "optimizers", here / "optimizers", here.parent / "optimizers")
+            if d.is_dir()]
+
+
+def _console(stderr=False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+# ------------------------------------------------------------------- commands
+
+
+def cmd_derive(args) -> int:
+    from flowgen.api import load
+    from flowgen.report.derive import derive_latex, derive_report
+
+    spec = load(args.file).derive(**parse_sets(args.set))
+    if args.json:
+        print(json.dumps(spec.to_json(), indent=2))
+    elif args.latex:
+        print(derive_latex(spec))
+    else:
+        derive_report(spec, _console())
+    return 0
+
+
+def cmd_list(args) -> int:
+    from rich.table import Table
+
+    from flowgen.language import load_program
+
+    dirs = [Path(args.dir)] if args.dir else library_dirs()[:1]
+    if not dirs or not dirs[0].is_dir():
+        raise UsageError(f"no optimizer library at {dirs[0] if dirs else 'optimizers/'}")
+    tab = Table(title=f"optimizers in {dirs[0]}", title_justify="left")
+    for col in ("name", "description", "states", "hyperparameters", "file"):
+        tab.add_column(col)
+    for f in sorted(dirs[0].glob("*.opt")):
+        try:
+            p = load_program(str(f))
+        except FlowgenError as err:
+            tab.add_row(f.stem, f"[red]invalid: {err.message}[/red]", "", "", str(f))
+            continue
+        states = ", ".join(s.name + (" (scalar)" if s.scalar else "") for s in p.states) or "—"
+        hyp = ", ".join(f"{h.name}={h.value:g}" for h in p.hypers)
+        tab.add_row(p.name, p.description, states, hyp, str(f))
+    _console().print(tab)
+    return 0
+
+
+def cmd_codegen(args) -> int:
+    from flowgen.api import load
+
+    src = load(args.file).codegen(**parse_sets(args.set))
+    if args.output in (None, "-"):
+        sys.stdout.write(src)
+    else:
+        Path(args.output).write_text(src)
+        _console(stderr=True).print(f"wrote {args.output} ({len(src.splitlines())} lines)")
+    return 0
+
+
+def _problem(args):
+    from flowgen.runtime.problems import get_problem, parse_problem_options
+
+    opts = parse_problem_options(args.problem_opt or [], args.problem)
+    return get_problem(args.problem, **opts)
+
+
+def _progress(label: str):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=_console(stderr=True),
+                    transient=False)
+    return prog
+
+
+def cmd_run(args) -> int:
+    from flowgen.api import load
+    from flowgen.report.outputs import run_summary, write_run
+    from flowgen.runtime.run import RunConfig, run_stable
+
+    of = load(args.file)
+    sets = parse_sets(args.set)
+    opt = of.optimizer(**sets)
+    problem = _problem(args)
+    cfg = RunConfig(steps=args.steps, chunk=args.chunk, eig_every=args.eig_every)
+    tic = time.perf_counter()
+    with _progress(f"{opt.name} on {problem.name}") as prog:
+        task = prog.add_task("run", total=args.steps)
+        res = run_stable(opt, problem, cfg, progress=lambda t, n: prog.update(task, completed=t))
+    res.timings["wall_s"] = time.perf_counter() - tic
+    out = Path(args.out or f"runs/{opt.name}-{problem.name}")
+    write_run(res, out, opt=opt, command=sys.argv)
+    run_summary(res, out, _console())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="flowgen",
+        description="Derive, generate and validate central flows of optimizers at the edge of stability.",
+    )
+    ap.add_argument("--version", action="version", version=f"flowgen {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    def with_set(p):
+        p.add_argument("--set", action="append", metavar="NAME=VALUE",
+                       help="override a hyperparameter (repeatable)")
+
+    p = sub.add_parser("derive", help="derive the stability threshold and the central flow")
+    p.add_argument("file")
+    with_set(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--latex", action="store_true", help="print the equations as LaTeX")
+    p.set_defaults(func=cmd_derive)
+
+    p = sub.add_parser("list", help="list the optimizer library")
+    p.add_argument("dir", nargs="?")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("codegen", help="write the generated JAX module")
+    p.add_argument("file")
+    with_set(p)
+    p.add_argument("-o", "--output", help="output file (default: stdout)")
+    p.set_defaults(func=cmd_codegen)
+
+    def with_problem(p):
+        p.add_argument("--problem", default="digits-mlp",
+                       help="builtin (quadratic, digits-mlp) or path/file.py:func or module:func")
+        p.add_argument("--problem-opt", action="append", metavar="KEY=VALUE",
+                       help="problem option, e.g. n=200 or init_scales=0.2,1,0.1 (repeatable)")
+        p.add_argument("--steps", type=int, default=1000)
+        p.add_argument("--out", help="output directory")
+        p.add_argument("--eig-every", type=int, default=5, help="effective sharpness every K steps")
+        p.add_argument("--chunk", type=int, default=50, help="steps per lockstep chunk")
+
+    p = sub.add_parser("run", help="run the discrete optimizer and its stable flow")
+    p.add_argument("file")
+    with_set(p)
+    with_problem(p)
+    p.set_defaults(func=cmd_run)
+
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not getattr(args, "func", None):
+        ap.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except FlowgenError as err:
+        print(err.format(), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Stage 2: symbolic derivation — the step map, state classes, stability, drift."""

@@ -1,0 +1,323 @@
+"""From a checked AST to sympy: symbols, reductions and the per-step map.
+
+Conventions (``central-flows.md`` §3):
+
+* every name becomes a sympy symbol of the same name; per-coordinate values are
+  represented by one coordinate (``g`` is ``g_i``), scalars broadcast;
+* reductions are the sympy functions :class:`rsum` and :class:`rmean`
+  (printed ``sum(...)``, ``mean(...)``); ``norm(x)`` is ``sqrt(sum(x**2))``;
+* a state ``s`` read before its assignment in the step is its *old* value (the
+  plain symbol ``s``); after it, the *new* value (the symbol ``s'``).
+
+User text is never ``sympify``-ed: expressions are built node by node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from flowgen.errors import DerivationError, location_in
+from flowgen.language import ast
+
+# ------------------------------------------------------------------ reductions
+
+
+class rsum(sp.Function):
+    """``sum(x)``: sum over coordinates of a per-coordinate expression."""
+
+    nargs = 1
+    is_real = True
+
+    def _sympystr(self, printer):
+        return f"sum({printer._print(self.args[0])})"
+
+    def _latex(self, printer):
+        return r"\sum_i \left(" + printer._print(self.args[0]) + r"\right)"
+
+    def _pretty(self, printer):
+        from sympy.printing.pretty.stringpict import prettyForm
+
+        return prettyForm(*printer._print(self.args[0]).parens().left("Σ "))
+
+
+class rmean(sp.Function):
+    """``mean(x)``: mean over coordinates of a per-coordinate expression."""
+
+    nargs = 1
+    is_real = True
+
+    def _sympystr(self, printer):
+        return f"mean({printer._print(self.args[0])})"
+
+    def _latex(self, printer):
+        return r"\operatorname{mean}_i \left(" + printer._print(self.args[0]) + r"\right)"
+
+    def _pretty(self, printer):
+        from sympy.printing.pretty.stringpict import prettyForm
+
+        return prettyForm(*printer._print(self.args[0]).parens().left("mean "))
+
+
+REDUCTION_CLASSES = (rsum, rmean)
+NONSMOOTH = (sp.sign, sp.Abs, sp.Min, sp.Max)
+
+#: names flowgen uses in derived drifts; a `.opt` file may not declare them
+EG_NAME, VG_NAME = "Eg", "Vg"
+Eg = sp.Symbol(EG_NAME, real=True)
+Vg = sp.Symbol(VG_NAME, nonnegative=True)
+G = sp.Symbol("g", real=True)
+W = sp.Symbol("w", real=True)
+T = sp.Symbol("t", positive=True)
+
+
+def reductions_in(expr: sp.Expr) -> list[sp.Expr]:
+    return sorted(expr.atoms(*REDUCTION_CLASSES), key=sp.default_sort_key)
+
+
+def new_symbol(name: str) -> sp.Symbol:
+    """The value of state ``name`` after its assignment in the current step."""
+    return sp.Symbol(name + "'", real=True)
+
+
+# ------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One update statement: ``target = raw`` (``raw`` in names as written)."""
+
+    target: str
+    role: str  # "state" | "local" | "w"
+    raw: sp.Expr  # names as plain symbols: what sequential code computes
+    value: sp.Expr  # locals inlined, states as old (``s``) or new (``s'``) symbols
+    node: ast.Assign
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """The per-step map of an optimizer, symbolically.
+
+    ``f[s]`` is the new value of state ``s`` in old symbols, ``g``, ``t`` and
+    hyperparameters, with the new values of earlier-assigned states as ``s'``
+    symbols; ``f_full[s]`` has those expanded (old symbols only).
+    """
+
+    program: ast.Program
+    hyper: dict[str, sp.Symbol]
+    hyper_values: dict[str, float]
+    states: tuple[str, ...]
+    scalar: dict[str, bool]
+    init: dict[str, sp.Expr]
+    statements: tuple[Statement, ...]
+    f: dict[str, sp.Expr]
+    f_full: dict[str, sp.Expr]
+    w_new: sp.Expr  # with s' symbols
+    w_new_full: sp.Expr  # old symbols only
+    assign_node: dict[str, ast.Assign]
+
+    def sym(self, name: str) -> sp.Symbol:
+        if name in self.hyper:
+            return self.hyper[name]
+        return {"g": G, "w": W, "t": T}.get(name) or sp.Symbol(name, real=True)
+
+    def error(self, message: str, node: ast.Node | None, hint: str | None = None) -> DerivationError:
+        loc = None
+        if node is not None and node.line:
+            loc = location_in(self.program.path, self.program.source, node.line, node.column)
+        return DerivationError(message, location=loc, hint=hint)
+
+    def to_current(self, expr: sp.Expr) -> sp.Expr:
+        """Express in current (flow) values: every ``s'`` becomes ``s``."""
+        return expr.xreplace({new_symbol(s): sp.Symbol(s, real=True) for s in self.states})
+
+
+def hyper_symbol(name: str, value: float) -> sp.Symbol:
+    if value > 0:
+        return sp.Symbol(name, positive=True)
+    if value == 0:
+        return sp.Symbol(name, nonnegative=True)
+    return sp.Symbol(name, real=True)
+
+
+def number(node: ast.Num) -> sp.Expr:
+    """Exact rational for literals written as decimals (0.9 -> 9/10)."""
+    try:
+        return sp.Rational(node.text) if node.text else sp.Float(node.value)
+    except (TypeError, ValueError):
+        return sp.Float(node.value)
+
+
+def to_sympy(expr: ast.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
+    """Build a sympy expression from an AST expression (no ``sympify``)."""
+    if isinstance(expr, ast.Num):
+        return number(expr)
+    if isinstance(expr, ast.Name):
+        return env[expr.id]
+    if isinstance(expr, ast.Neg):
+        return -to_sympy(expr.operand, env)
+    if isinstance(expr, ast.BinOp):
+        a, b = to_sympy(expr.left, env), to_sympy(expr.right, env)
+        match expr.op:
+            case "+":
+                return a + b
+            case "-":
+                return a - b
+            case "*":
+                return a * b
+            case "/":
+                return a / b
+            case "^" | "**":
+                return a**b
+        raise AssertionError(expr.op)
+    if isinstance(expr, ast.Call):
+        args = [to_sympy(a, env) for a in expr.args]
+        match expr.func:
+            case "sqrt":
+                return sp.sqrt(args[0])
+            case "exp":
+                return sp.exp(args[0])
+            case "log":
+                return sp.log(args[0])
+            case "abs":
+                return sp.Abs(args[0])
+            case "sign":
+                return sp.sign(args[0])
+            case "min":
+                return sp.Min(*args)
+            case "max":
+                return sp.Max(*args)
+            case "sum":
+                return rsum(args[0])
+            case "mean":
+                return rmean(args[0])
+            case "norm":
+                return sp.sqrt(rsum(args[0] ** 2))
+        raise AssertionError(expr.func)
+    raise AssertionError(type(expr))
+
+
+def build_model(program: ast.Program, overrides: dict[str, float] | None = None) -> StepModel:
+    """The step map of a checked program (``overrides`` replace hyper defaults)."""
+    values = dict(program.hyper_defaults)
+    values.update(overrides or {})
+    hyper = {h: hyper_symbol(h, v) for h, v in values.items()}
+    states = program.state_names
+    plain = {s: sp.Symbol(s, real=True) for s in states}
+    base = {**hyper, "g": G, "w": W, "t": T, **plain}
+
+    init = {}
+    for s in program.states:
+        init[s.name] = to_sympy(s.init, {**hyper, "w": W})
+
+    raw_env = dict(base)  # plain names (for sequential code)
+    env = dict(base)  # inlined, with s' for assigned states
+    statements, f, assign_node = [], {}, {}
+    w_new = None
+    for node in program.update:
+        raw = to_sympy(node.value, raw_env)
+        value = to_sympy(node.value, env)
+        if node.target == "w":
+            role = "w"
+            w_new = value
+        elif node.target in plain:
+            role = "state"
+            f[node.target] = value
+            env[node.target] = new_symbol(node.target)
+        else:
+            role = "local"
+            env[node.target] = value
+            raw_env[node.target] = sp.Symbol(node.target, real=True)
+        assign_node[node.target] = node
+        statements.append(Statement(node.target, role, raw, value, node))
+    assert w_new is not None, "checked programs assign w"
+
+    # states that are never assigned keep their value
+    for s in states:
+        f.setdefault(s, plain[s])
+
+    expand = {}
+    f_full = {}
+    for stmt in statements:
+        if stmt.role == "state":
+            full = stmt.value.xreplace(expand)
+            f_full[stmt.target] = full
+            expand[new_symbol(stmt.target)] = full
+    for s in states:
+        f_full.setdefault(s, plain[s])
+    w_new_full = w_new.xreplace(expand)
+
+    return StepModel(
+        program=program,
+        hyper=hyper,
+        hyper_values=values,
+        states=states,
+        scalar={s.name: s.scalar for s in program.states},
+        init=init,
+        statements=tuple(statements),
+        f=f,
+        f_full=f_full,
+        w_new=w_new,
+        w_new_full=w_new_full,
+        assign_node=assign_node,
+    )
+
+
+def simp(e: sp.Expr) -> sp.Expr:
+    """Cheap rational simplification (``cancel``), enough for update rules."""
+    return sp.cancel(sp.together(e))
+
+
+def _wants_flip(add: sp.Add) -> bool:
+    neg = sum(1 for a in add.args if a.could_extract_minus_sign())
+    pos = len(add.args) - neg
+    const = add.as_coeff_Add()[0]
+    return neg > pos or (neg == pos and const < 0)
+
+
+def tidy_signs(expr: sp.Expr) -> sp.Expr:
+    """Readable signs: ``-lr/(beta**t - 1)`` → ``lr/(1 - beta**t)`` (value unchanged)."""
+
+    def fix(e):
+        if not e.args or isinstance(e, sp.Symbol):
+            return e
+        e = e.func(*[fix(a) for a in e.args])
+        if isinstance(e, sp.Mul):
+            sign, factors, flipped_ids = 1, [], set()
+            for f in e.args:
+                base, ex = f.as_base_exp()
+                if isinstance(base, sp.Add) and ex.is_Integer and _wants_flip(base):
+                    flipped = sp.expand(-base)
+                    flipped_ids.add(len(factors))
+                    factors.append(flipped if ex == 1 else sp.Pow(flipped, ex, evaluate=False))
+                    sign *= (-1) ** abs(int(ex))
+                else:
+                    factors.append(f)
+            coeff = [f for f in factors if f.is_Number]
+            rest = [(i, f) for i, f in enumerate(factors) if not f.is_Number]
+            c = sign * sp.Mul(*coeff)
+            if c < 0:  # absorb a leading minus into a balanced sum: -(m - Eg) -> (Eg - m)
+                for j, (i, f) in enumerate(rest):
+                    if isinstance(f, sp.Add) and i not in flipped_ids and f.as_coeff_Add()[0] == 0:
+                        rest[j] = (i, sp.expand(-f))
+                        c = -c
+                        break
+            rest = [f for _, f in rest]
+            return sp.Mul(c, *rest, evaluate=False) if c != 1 else sp.Mul(*rest, evaluate=False)
+        return e
+
+    out = fix(expr)
+    try:
+        ok = sp.expand(out - expr) == 0 or sp.cancel(out - expr) == 0
+    except (TypeError, ValueError):
+        ok = False
+    return out if ok else expr
+
+
+def tidy(expr: sp.Expr) -> sp.Expr:
+    """A readable normal form: the shorter of the cancelled and factored forms, signs tidied."""
+    e = simp(expr)
+    f = sp.factor(e)
+    best = f if sp.count_ops(f) <= sp.count_ops(e) else e
+    return tidy_signs(best)
