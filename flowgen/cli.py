@@ -119,7 +119,7 @@ def cmd_run(args) -> int:
     sets = parse_sets(args.set)
     opt = of.optimizer(**sets)
     problem = _problem(args)
-    cfg = RunConfig(steps=args.steps, chunk=args.chunk, eig_every=args.eig_every)
+    cfg = RunConfig(steps=args.steps, chunk=args.chunk, eig_every=args.eig_every or 5)
     tic = time.perf_counter()
     with _progress(f"{opt.name} on {problem.name}") as prog:
         task = prog.add_task("run", total=args.steps)
@@ -128,6 +128,42 @@ def cmd_run(args) -> int:
     out = Path(args.out or f"runs/{opt.name}-{problem.name}")
     write_run(res, out, opt=opt, command=sys.argv)
     run_summary(res, out, _console())
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from flowgen.api import load
+    from flowgen.report.outputs import validation_summary, write_validation
+    from flowgen.runtime.central import CentralConfig
+    from flowgen.runtime.validate import ValidateConfig, validate
+
+    of = load(args.file)
+    opt = of.optimizer(**parse_sets(args.set))
+    problem = _problem(args)
+    restart = args.restart_at
+    if restart not in (None, "auto"):
+        try:
+            restart = int(restart)
+        except ValueError:
+            raise UsageError(f"--restart-at expects a step number or `auto`, got `{restart}`") from None
+    cfg = ValidateConfig(steps=args.steps, restart_at=restart, chunk=args.chunk,
+                         eig_every=args.eig_every or 1, central=CentralConfig(substeps=args.substeps))
+    tic = time.perf_counter()
+    with _progress(f"{opt.name} on {problem.name}") as prog:
+        tasks = {}
+
+        def cb(phase, t, n):
+            if phase not in tasks:
+                tasks[phase] = prog.add_task(phase, total=n)
+            prog.update(tasks[phase], completed=t, description=phase)
+
+        res = validate(opt, problem, cfg, progress=cb)
+    res.timings["wall_s"] = time.perf_counter() - tic
+    out = Path(args.out or f"runs/validate-{opt.name}-{problem.name}")
+    write_validation(res, out, opt=opt, command=sys.argv)
+    validation_summary(res, out, _console())
+    if args.strict and res.summary["verdict"] != "pass":
+        return 1
     return 0
 
 
@@ -168,14 +204,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="problem option, e.g. n=200 or init_scales=0.2,1,0.1 (repeatable)")
         p.add_argument("--steps", type=int, default=1000)
         p.add_argument("--out", help="output directory")
-        p.add_argument("--eig-every", type=int, default=5, help="effective sharpness every K steps")
-        p.add_argument("--chunk", type=int, default=50, help="steps per lockstep chunk")
+        p.add_argument("--eig-every", type=int, default=None,
+                       help="effective sharpness every K steps (run: 5, validate: 1)")
+        p.add_argument("--chunk", type=int, default=25, help="steps per lockstep chunk")
 
     p = sub.add_parser("run", help="run the discrete optimizer and its stable flow")
     p.add_argument("file")
     with_set(p)
     with_problem(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="validate the central flow against the discrete optimizer")
+    p.add_argument("file")
+    with_set(p)
+    with_problem(p)
+    p.add_argument("--restart-at", metavar="T|auto",
+                   help="restart both flows from the discrete iterate at step T (auto: 100 steps "
+                   "after the edge of stability)")
+    p.add_argument("--substeps", type=int, default=4, help="Euler substeps per step")
+    p.add_argument("--strict", action="store_true", help="exit 1 unless the verdict is pass")
+    p.set_defaults(func=cmd_validate)
 
     return ap
 

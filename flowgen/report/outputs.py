@@ -116,3 +116,109 @@ def run_summary(res, out: Path, console) -> None:
         f"{res.timings.get('stable_s', 0):.1f}s, sharpness {res.timings.get('sharpness_s', 0):.1f}s"
     )
     console.print(f"wrote {out}/run.json, run.npz, run.png, optimizer.py")
+
+
+# ------------------------------------------------------------------ validate
+
+
+def write_validation(res, out: Path, *, opt, command=None) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = res.to_json()
+    data["provenance"] = provenance(opt, command)
+    (out / "report.json").write_text(json.dumps(data, indent=1))
+    np.savez(out / "series.npz", **res.series)
+    (out / "optimizer.py").write_text(opt.source)
+    return [out / "report.json", out / "series.npz", plot_validation(res, out / "validate.png")]
+
+
+def plot_validation(res, path: Path) -> Path:
+    """The paper's kind of figure: loss, effective sharpness, distances, Σ."""
+    plt = _plt()
+    s = res.series
+    x = s["step"]
+    c = res.threshold
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    ax = axes[0, 0]
+    ax.plot(x, s["loss_discrete"], color="C0", lw=0.6, alpha=0.6, label="discrete")
+    ax.plot(x, s["loss_discrete_window"], color="C0", lw=1.5, label="discrete, 21-step mean")
+    ax.plot(x, s["loss_pred"], color="C3", lw=1.5, ls="--", label=r"central: $L(\bar w)+\frac{1}{2}\langle H,\Sigma\rangle$")
+    ax.plot(x, s["loss_central"], color="C3", lw=0.8, ls=":", label=r"central: $L(\bar w)$")
+    ax.plot(x, s["loss_stable"], color="C2", lw=1.2, ls="-.", label="stable flow")
+    ax.set_yscale("log")
+    ax.set_title("loss")
+    ax.legend(fontsize=8)
+    ax = axes[0, 1]
+    for key, col, lab, lw in (("sharpness_discrete", "C0", "discrete", 0.7),
+                              ("sharpness_central", "C3", "central", 1.5),
+                              ("sharpness_stable", "C2", "stable", 1.2)):
+        m = np.isfinite(s[key])
+        ax.plot(x[m], s[key][m], color=col, lw=lw, label=lab)
+    ax.axhline(c, color="k", ls=":", label=f"threshold c = {c:g}")
+    ax.set_title(r"effective sharpness $\lambda_{\max}(P^{-1}H)$")
+    top = np.nanmax([np.nanmax(s["sharpness_discrete"]), c * 1.2])
+    ax.set_ylim(0, min(top, 3 * c))
+    ax.legend(fontsize=8)
+    ax = axes[1, 0]
+    ax.plot(x, s["distance_central"], color="C3", label="‖discrete − central‖")
+    ax.plot(x, s["distance_stable"], color="C2", label="‖discrete − stable‖")
+    ax.plot(x, s["distance_travelled"], color="0.5", ls=":", label="‖discrete − start‖")
+    if res.restart_at is not None:
+        for a in axes.flat:
+            a.axvline(res.restart_at, color="0.7", lw=0.8)
+    ax.set_title("distance to the discrete run")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    ax = axes[1, 1]
+    from flowgen.runtime.validate import centred_window
+
+    ax.plot(x, s["sigma_meas"], color="C0", lw=0.5, alpha=0.5, label=r"measured $\langle \delta, u_1\rangle_P^2$")
+    ax.plot(x, centred_window(s["sigma_meas"], 21), color="C0", lw=1.5, label="measured, 21-step mean")
+    ax.plot(x, s["sigma_pred"], color="C3", lw=1.5, ls="--", label=r"central flow $X_{11}$")
+    ax.set_title(r"oscillation along the top critical direction ($\Sigma$)")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    sm = res.summary
+    fig.suptitle(
+        f"{res.optimizer} on {res.problem}: central {sm['central_distance_rel']:.3f} vs stable "
+        f"{sm['stable_distance_rel']:.3f} of the distance travelled — {sm['verdict']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def validation_summary(res, out: Path, console) -> None:
+    from rich.table import Table
+
+    sm = res.summary
+    tab = Table(title=f"flowgen validate: {res.optimizer} on {res.problem}", title_justify="left")
+    tab.add_column("quantity")
+    tab.add_column("value", justify="right")
+    tab.add_column("criterion")
+    tab.add_row("threshold c", f"{res.threshold:g}", "λ_max(P⁻¹H) equilibrates here")
+    tab.add_row("edge of stability reached at step", str(res.eos_start), "sharpness ≥ 0.95·c")
+    tab.add_row("flows start at step", str(res.start),
+                "restart" if res.restart_at is not None else "common start")
+    tab.add_row("central distance / travelled", f"{sm['central_distance_rel']:.4f}",
+                f"≤ {sm['criteria']['central_distance_rel_max']}")
+    tab.add_row("stable distance / travelled", f"{sm['stable_distance_rel']:.4f}",
+                f"≥ {sm['criteria']['stable_over_central_min']} × central")
+    tab.add_row("loss prediction rel. error", f"{sm['loss_pred_rel_err']:.4f}",
+                f"≤ {sm['criteria']['loss_pred_rel_err_max']}")
+    tab.add_row("sharpness rel. error (median)", f"{sm['sharpness_rel_err']:.4f}", "")
+    tab.add_row("stable flow max sharpness", f"{sm['stable_sharpness_max']:.4g}", "")
+    colour = {"pass": "green", "fail": "red", "no-eos": "yellow"}[sm["verdict"]]
+    tab.add_row("verdict", f"[bold {colour}]{sm['verdict']}[/]", "")
+    console.print(tab)
+    t = res.timings
+    split = t.get("central_split", {})
+    tot = sum(split.values()) or 1.0
+    console.print(
+        f"time: discrete {t.get('discrete_s', 0):.1f}s (+ sharpness {t.get('discrete_sharpness_s', 0):.1f}s), "
+        f"central {t.get('central_s', 0):.1f}s ({t.get('central_per_step_s', 0):.3f}s/step: "
+        + ", ".join(f"{k} {100 * v / tot:.0f}%" for k, v in split.items())
+        + f"), stable {t.get('stable_s', 0):.1f}s"
+    )
+    console.print(f"wrote {out}/report.json, series.npz, validate.png, optimizer.py")

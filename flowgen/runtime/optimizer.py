@@ -76,4 +76,4 @@ class Optimizer:
 
 def tree_finite(tree) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)

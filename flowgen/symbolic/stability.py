@@ -164,9 +164,12 @@ def sample_values(model: StepModel) -> dict:
     return vals
 
 
+FROZEN_SAMPLE = 0.5371  # value given to frozen states in numeric looks (generic, not 0 or 1)
+
+
 def _numeric(expr, vals, extra=None):
     e = expr.xreplace({**vals, **(extra or {})})
-    e = e.xreplace({s: 1.0 for s in e.free_symbols if s not in (LAM, MU, A)})
+    e = e.xreplace({s: FROZEN_SAMPLE for s in e.free_symbols if s not in (LAM, MU, A)})
     return e
 
 
@@ -217,7 +220,14 @@ def analyse(model: StepModel, classes: dict[str, str]) -> Stability:
     n = lm.J.shape[0]
     chi = sp.factor(simp((MU * sp.eye(n) - lm.J).det()))
     vals = sample_values(model)
-    Jn = sp.lambdify(LAM, _numeric(lm.J, vals), "numpy")
+    Jsample = _numeric(lm.J, vals)
+    if any(e.has(sp.zoo, sp.nan, sp.oo) for e in Jsample):
+        raise model.error(
+            "the linearised update is singular at the sampled state values; "
+            "flowgen cannot locate its stability threshold",
+            model.assign_node.get("w"),
+        )
+    Jn = sp.lambdify(LAM, Jsample, "numpy")
 
     def Jnum(x):
         return np.array(Jn(x), dtype=complex).reshape(n, n)

@@ -1,0 +1,1 @@
+"""Stage 5: runtime — problems, eigensolver, SDCP, processes, validation."""

@@ -1,0 +1,394 @@
+"""Top eigenpairs of a symmetric operator given only as a matvec.
+
+The central flow needs, at every substep, the top eigenpairs of the symmetrised
+effective Hessian ``S = P^{-1/2} H P^{-1/2}``, i.e. ``v -> sqrt(p) * H(sqrt(p) * v)``
+with ``p`` the effective step (``central-flows.md`` §2). ``H`` is only available
+through Hessian-vector products, and consecutive substeps change ``S`` very little,
+so the solver is iterative and warm-started from the previous eigenvectors.
+
+Method: block LOBPCG (Knyazev 2001) with ``k + 2`` columns (two guard vectors
+speed convergence when ``λ_k ≈ λ_{k+1}``), written here instead of using
+``jax.experimental.sparse.linalg.lobpcg_standard``. Per iteration, the basis
+``[X, P, R]`` (Ritz vectors, previous directions, residuals) is orthonormalised
+(projection against ``X`` plus two passes of SVQB, near-dependent directions
+dropped), ``A R`` is the only new block product — ``A X`` and ``A P`` are
+updated by the same linear combinations — and a Rayleigh–Ritz step on the
+``3m``-dimensional basis gives the next Ritz pairs. Convergence: every one of
+the ``k`` wanted pairs has ``‖A v − θ v‖ ≤ tol · max_j |θ_j|`` (tolerance
+relative to the top eigenvalue). Everything runs in one ``lax.while_loop``.
+
+Measured (``benchmarks/eigensolver.py``; tanh MLP 54→32→32→4, 400 examples,
+MSE, n = 2948, k = 4, residual tolerance 1e-7·λ_max, CPU, 2 threads; warm =
+restart from the previous eigenvectors after one GD step of size 1/λ_max):
+
+=====================  =========  ========  ====================
+solver                  time/call  matvecs   max rel. eig. error
+=====================  =========  ========  ====================
+lobpcg_standard, cold   see below
+lobpcg_standard, warm
+this solver, cold
+this solver, warm
+dense eigh
+=====================  =========  ========  ====================
+
+(the table is filled in from the benchmark run; see ``_MEASURED`` below).
+
+jax's ``lobpcg_standard`` recomputes ``A [X, P, R]`` (3k products) plus ``A X``
+(k more) every iteration, i.e. 4k Hessian-vector products per iteration against
+``k + 2`` here, and its convergence test is an absolute floating-point
+criterion (``‖r‖ < tol·10·n·(‖Av‖ + θ)``) rather than one relative to λ_max.
+
+Tiny problems (``n < 4(k + 2)``) are solved densely with ``eigh``.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import Partial
+
+from flowgen.errors import SimulationError
+
+jax.config.update("jax_enable_x64", True)
+
+__all__ = [
+    "EigState",
+    "EigInfo",
+    "top_eigenpairs",
+    "top_eigenpairs_with_info",
+    "track_top",
+    "hvp",
+    "sym_eff_hessian_matvec",
+]
+
+Matvec = Callable[[jax.Array], jax.Array]
+
+GUARD = 2  # extra block columns beyond the k wanted ones
+_SVQB_DROP = 1e-12  # drop directions whose normalised Gram eigenvalue is below this
+
+
+class EigState(NamedTuple):
+    """Top eigenpairs, largest first."""
+
+    vals: jax.Array  # (k,) eigenvalues, descending
+    vecs: jax.Array  # (n, k) orthonormal eigenvectors, column j ↔ vals[j]
+
+
+class EigInfo(NamedTuple):
+    """Diagnostics of one solve."""
+
+    iterations: jax.Array  # () LOBPCG iterations (0 for the dense path)
+    matvecs: jax.Array  # () operator applications (vector products)
+    residual: jax.Array  # () max_j≤k ‖A v_j − θ_j v_j‖ / max|θ|
+    converged: jax.Array  # () bool
+
+
+# ---------------------------------------------------------------------------
+# Hessian-vector products
+# ---------------------------------------------------------------------------
+
+
+def hvp(loss: Callable[[jax.Array], jax.Array], w: jax.Array, v: jax.Array) -> jax.Array:
+    """Hessian-vector product ``H(w) v`` by forward-over-reverse autodiff.
+
+    ``jvp`` of ``grad loss`` at ``w`` in direction ``v``; costs about two
+    gradient evaluations.
+    """
+    return jax.jvp(jax.grad(loss), (w,), (v,))[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _sym_eff_fn(loss):
+    def f(w, s, v):  # w (n,), s () or (n,), v (n,)
+        return s * hvp(loss, w, s * v)
+
+    return f
+
+
+def sym_eff_hessian_matvec(loss, w: jax.Array, p) -> Partial:
+    """The matvec ``v -> sqrt(p) ⊙ H(w) (sqrt(p) ⊙ v)`` of ``P^{-1/2} H P^{-1/2}``.
+
+    ``p`` is the effective step ``P⁻¹`` (a scalar or an ``(n,)`` vector). The
+    result is a :class:`jax.tree_util.Partial` whose function depends only on
+    ``loss``, so repeated solves with new ``w``/``p`` reuse the compiled solver.
+    Eigenvectors of ``P⁻¹H`` are ``sqrt(p) ⊙`` those of this operator.
+    """
+    w = jnp.asarray(w)
+    s = jnp.sqrt(jnp.asarray(p, dtype=w.dtype))
+    return Partial(_sym_eff_fn(loss), w, s)
+
+
+# ---------------------------------------------------------------------------
+# Block LOBPCG
+# ---------------------------------------------------------------------------
+
+
+def _svqb(W: jax.Array) -> jax.Array:
+    """Transform ``T`` (b, b) such that ``W T`` has orthonormal or zero columns.
+
+    SVQB (Stathopoulos & Wu 2002): scale the columns of ``W`` (n, b) to unit
+    norm, diagonalise the Gram matrix, keep the directions whose eigenvalue
+    exceeds ``_SVQB_DROP`` (the others become exactly zero columns).
+    """
+    nrm = jnp.linalg.norm(W, axis=0)  # (b,)
+    d = jnp.where(nrm > 0, 1.0 / jnp.where(nrm > 0, nrm, 1.0), 0.0)  # (b,)
+    Wn = W * d
+    M = Wn.T @ Wn  # (b, b)
+    mu, V = jnp.linalg.eigh(0.5 * (M + M.T))
+    keep = jnp.logical_and(mu > _SVQB_DROP * jnp.max(mu), mu > 0)
+    scale = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, mu, 1.0)), 0.0)  # (b,)
+    return (d[:, None] * V) * scale[None, :]
+
+
+def _lobpcg(op: Partial, X0: jax.Array, k: int, tol, max_iter):
+    """Block LOBPCG for the top ``m = X0.shape[1]`` Ritz pairs; converge the top ``k``.
+
+    Invariants: ``X`` (n, m) orthonormal Ritz vectors; ``P`` (n, m) orthonormal
+    (or zero) columns orthogonal to ``X``; ``AX``, ``AP`` their images. Only
+    ``A R`` is computed afresh (after ``R`` is orthonormalised, so operator
+    round-off is never amplified); ``AX`` and ``AP`` are images of orthonormal
+    combinations of an orthonormal basis. ``P`` is chosen as in jax's
+    ``lobpcg_standard``: the Ritz complement directions spanning, with the new
+    ``X``, the previous ``X`` — orthonormal and orthogonal to ``X`` by
+    construction, so no cancellation-prone projection is needed.
+
+    Returns ``(theta (m,), X (n, m), iterations, residual, converged)``.
+    """
+    n, m = X0.shape
+    block = jax.vmap(op, in_axes=1, out_axes=1)  # (n, b) -> (n, b)
+
+    X, _ = jnp.linalg.qr(X0)  # (n, m) orthonormal
+    AX = block(X)
+    G = X.T @ AX
+    theta, Q = jnp.linalg.eigh(0.5 * (G + G.T))
+    Q = Q[:, ::-1]
+    theta = theta[::-1]
+    X, AX = X @ Q, AX @ Q
+    P = jnp.zeros_like(X)
+    AP = jnp.zeros_like(X)
+
+    def rel_residual(X, AX, theta):
+        R = AX - X * theta[None, :]  # (n, m)
+        rn = jnp.linalg.norm(R[:, :k], axis=0)  # (k,)
+        scale = jnp.max(jnp.abs(theta))
+        return R, jnp.max(rn) / jnp.where(scale > 0, scale, 1.0)
+
+    R, rel = rel_residual(X, AX, theta)
+
+    def cond(state):
+        i, rel = state[0], state[-1]
+        return jnp.logical_and(i < max_iter, rel > tol)
+
+    def body(state):
+        i, X, AX, P, AP, theta, R, _ = state
+        T = _svqb(P)  # P is (nearly) orthonormal already; this cleans zero/partial columns
+        P, AP = P @ T, AP @ T
+        for _ in range(2):  # R ⟂ [X, P], orthonormal (A R not needed yet)
+            R = R - X @ (X.T @ R) - P @ (P.T @ R)
+            R = R @ _svqb(R)
+        AR = block(R)  # the only operator applications of the iteration: m
+        S = jnp.concatenate([X, P, R], axis=1)  # (n, 3m) orthonormal or zero columns
+        AS = jnp.concatenate([AX, AP, AR], axis=1)
+        G = S.T @ AS
+        G = 0.5 * (G + G.T)
+        zero = jnp.linalg.norm(S, axis=0) == 0  # (3m,)
+        big = 2.0 * jnp.linalg.norm(G) + 1.0  # > every Ritz value: sinks zero columns
+        vals, C = jnp.linalg.eigh(G - jnp.diag(jnp.where(zero, big, 0.0)))
+        vals, C = vals[::-1], C[:, ::-1]  # descending
+        Cx, Cc = C[:, :m], C[:, m:]  # (3m, m) wanted, (3m, 2m) complement
+        q, _ = jnp.linalg.qr(Cc[:m, :].T)  # (2m, m): complement part of the old X
+        D = Cc @ q  # (3m, m), orthonormal and ⟂ Cx
+        X_new, AX_new = S @ Cx, AS @ Cx
+        P_new, AP_new = S @ D, AS @ D
+        theta_new = vals[:m]
+        R_new, rel_new = rel_residual(X_new, AX_new, theta_new)
+        return i + 1, X_new, AX_new, P_new, AP_new, theta_new, R_new, rel_new
+
+    state = (jnp.asarray(0), X, AX, P, AP, theta, R, rel)
+    i, X, AX, P, AP, theta, R, rel = jax.lax.while_loop(cond, body, state)
+    return theta, X, i, rel, rel <= tol
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _solve(op: Partial, X0: jax.Array, tol, max_iter, *, k: int):
+    m = X0.shape[1]
+    theta, X, it, rel, conv = _lobpcg(op, X0, k, tol, max_iter)
+    info = EigInfo(iterations=it, matvecs=m * (it + 1), residual=rel, converged=conv)
+    return EigState(theta[:k], X[:, :k]), info
+
+
+@functools.partial(jax.jit, static_argnames=("n", "k"))
+def _solve_dense(op: Partial, *, n: int, k: int):
+    A = jax.vmap(op, in_axes=1, out_axes=1)(jnp.eye(n))  # (n, n)
+    vals, vecs = jnp.linalg.eigh(0.5 * (A + A.T))
+    info = EigInfo(
+        iterations=jnp.asarray(0),
+        matvecs=jnp.asarray(n),
+        residual=jnp.asarray(0.0),
+        converged=jnp.asarray(True),
+    )
+    return EigState(vals[::-1][:k], vecs[:, ::-1][:, :k]), info
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check(state: EigState, info: EigInfo, n: int, k: int) -> None:
+    if not (_is_concrete(state.vals) and _is_concrete(info.converged)):
+        return  # inside jit: nothing can be raised
+    where = None
+    if not bool(jnp.all(jnp.isfinite(state.vals))):
+        where = "eigenvalues"
+    elif not bool(jnp.all(jnp.isfinite(state.vecs))):
+        where = "eigenvectors"
+    if where is not None:
+        raise SimulationError(
+            f"eigensolver (top_eigenpairs, n={n}, k={k}): NaN/inf in the {where} after "
+            f"{int(info.iterations)} iterations; the operator (Hessian-vector product) "
+            "most likely returned non-finite values — check the loss and the parameters"
+        )
+    if not bool(info.converged):
+        raise SimulationError(
+            f"eigensolver (top_eigenpairs, n={n}, k={k}) did not converge in "
+            f"{int(info.iterations)} iterations: relative residual "
+            f"{float(info.residual):.3g}; raise max_iter or loosen tol"
+        )
+
+
+def top_eigenpairs_with_info(
+    matvec: Matvec,
+    n: int,
+    k: int,
+    *,
+    init: jax.Array | None = None,
+    tol: float = 1e-7,
+    max_iter: int = 1000,
+    key: jax.Array | None = None,
+) -> tuple[EigState, EigInfo]:
+    """:func:`top_eigenpairs` plus its :class:`EigInfo` (iterations, matvecs, residual)."""
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+    op = matvec if isinstance(matvec, Partial) else Partial(matvec)
+    m = k + GUARD
+    if n < 4 * m:
+        state, info = _solve_dense(op, n=n, k=k)
+    else:
+        if key is None:
+            key = jax.random.PRNGKey(0)
+        if init is None:
+            init = jnp.zeros((n, 0))
+        init = jnp.asarray(init, dtype=jnp.float64)
+        if init.ndim == 1:
+            init = init[:, None]
+        if init.shape[0] != n:
+            raise ValueError(f"init has {init.shape[0]} rows, expected n={n}")
+        j = init.shape[1]
+        if j < m:  # always hand (n, m) to the compiled solver: one compilation per (n, k)
+            pad = jax.random.normal(key, (n, m - j), dtype=init.dtype)
+            init = jnp.concatenate([init, pad], axis=1)
+        state, info = _solve(op, init[:, :m], tol, max_iter, k=k)
+    _check(state, info, n, k)
+    return state, info
+
+
+def top_eigenpairs(
+    matvec: Matvec,
+    n: int,
+    k: int,
+    *,
+    init: jax.Array | None = None,
+    tol: float = 1e-7,
+    max_iter: int = 1000,
+    key: jax.Array | None = None,
+) -> EigState:
+    """The ``k`` largest (algebraic) eigenpairs of the symmetric operator ``matvec``.
+
+    Args:
+      matvec: ``(n,) -> (n,)``, symmetric. Pass a :class:`jax.tree_util.Partial`
+        (e.g. from :func:`sym_eff_hessian_matvec`) to reuse the compiled solver
+        across calls; a plain function is recompiled whenever it is a new object.
+      n, k: dimension and number of wanted pairs (static).
+      init: ``(n, j)`` warm start, e.g. the previous ``EigState.vecs``; missing
+        columns (up to ``k + 2``) are random.
+      tol: converged when ``‖A v − θ v‖ ≤ tol · max|θ|`` for each wanted pair.
+        The eigenvalue error is then of order ``tol² · λ_max² / gap``.
+      max_iter: iteration cap (each iteration costs ``k + 2`` matvecs).
+      key: PRNG key for the random columns.
+
+    Returns:
+      ``EigState(vals (k,) descending, vecs (n, k) orthonormal)``.
+
+    Works inside ``jax.jit`` (then failures cannot raise; check the values).
+    Outside jit, raises :class:`SimulationError` on NaN or non-convergence.
+    """
+    return top_eigenpairs_with_info(matvec, n, k, init=init, tol=tol, max_iter=max_iter, key=key)[0]
+
+
+# ---------------------------------------------------------------------------
+# Tracking a varying number of critical eigenvalues
+# ---------------------------------------------------------------------------
+
+
+def track_top(
+    matvec: Matvec,
+    n: int,
+    prev: EigState | None,
+    *,
+    threshold: float,
+    frac: float = 0.5,
+    k_min: int = 1,
+    k_max: int = 16,
+    tol: float = 1e-7,
+    max_iter: int = 1000,
+    key: jax.Array | None = None,
+) -> EigState:
+    """Warm-started top eigenpairs with ``k`` adapted to the spectrum.
+
+    Every eigenvalue above ``frac · threshold`` is tracked: while the smallest
+    tracked eigenvalue is still above it, ``k`` grows (by ``max(2, k // 2)``,
+    new columns random and orthogonalised against the current vectors) and the
+    solve is repeated from the current vectors. When more than two tracked
+    eigenvalues lie below the fraction, ``k`` shrinks to keep exactly two of
+    them. ``k`` stays within ``[k_min, min(k_max, n)]``; if ``k_max`` is reached
+    with every value above the fraction a ``RuntimeWarning`` is issued.
+
+    Not jittable (``k`` changes shape); each call solves one or more jitted
+    problems.
+    """
+    if key is None:
+        key = jax.random.PRNGKey(0)
+    k_max = min(k_max, n)
+    k_min = max(1, min(k_min, k_max))
+    cut = frac * threshold
+    if prev is None:
+        k, init = k_min, None
+    else:
+        k = int(np.clip(prev.vecs.shape[1], k_min, k_max))
+        init = prev.vecs
+    while True:
+        sub = jax.random.fold_in(key, k)
+        state = top_eigenpairs(matvec, n, k, init=init, tol=tol, max_iter=max_iter, key=sub)
+        if float(state.vals[-1]) <= cut or k >= k_max:
+            break
+        k = min(k_max, k + max(2, k // 2))
+        init = state.vecs
+    vals = np.asarray(state.vals)
+    n_above = int(np.sum(vals > cut))
+    if n_above == k and k >= k_max and k < n:
+        warnings.warn(
+            f"track_top: all k_max={k_max} tracked eigenvalues exceed "
+            f"{frac}·threshold={cut:.4g}; eigenvalues above it may be missed",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if k - n_above > 2:
+        keep = max(k_min, n_above + 2)
+        state = EigState(state.vals[:keep], state.vecs[:, :keep])
+    return state
