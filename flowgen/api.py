@@ -5,6 +5,7 @@
 >>> spec = opt.derive(beta1=0.9)            # FlowSpec: threshold, drifts, ...
 >>> print(opt.codegen())                     # the generated JAX module
 >>> res = opt.run("digits-mlp", steps=200, lr=3e-3)   # discrete + stable flow
+>>> val = opt.validate("digits-mlp", steps=1000, restart_at="auto", lr=3e-3, beta2=0.99)
 """
 
 from __future__ import annotations
@@ -51,6 +52,28 @@ class OptFile:
         prob = problem if isinstance(problem, Problem) else get_problem(problem, **(problem_options or {}))
         cfg = RunConfig(steps=steps, eig_every=eig_every, chunk=chunk)
         return run_stable(self.optimizer(**hyper), prob, cfg, progress=progress)
+
+
+    def validate(self, problem="digits-mlp", steps: int = 1000, *, restart_at=None,
+                 problem_options=None, substeps: int = 4, progress=None, out=None, **hyper: float):
+        """Discrete, central and stable processes compared (``flowgen validate``).
+
+        Returns a ``ValidationResult``; with ``out`` also writes report.json,
+        series.npz and validate.png there.
+        """
+        from flowgen.runtime.central import CentralConfig
+        from flowgen.runtime.problems import Problem, get_problem
+        from flowgen.runtime.validate import ValidateConfig, validate
+
+        prob = problem if isinstance(problem, Problem) else get_problem(problem, **(problem_options or {}))
+        opt = self.optimizer(**hyper)
+        cfg = ValidateConfig(steps=steps, restart_at=restart_at, central=CentralConfig(substeps=substeps))
+        res = validate(opt, prob, cfg, progress=progress)
+        if out is not None:
+            from flowgen.report.outputs import write_validation
+
+            write_validation(res, Path(out), opt=opt)
+        return res
 
 
 def load(path: str | Path) -> OptFile:

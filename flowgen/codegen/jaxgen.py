@@ -27,12 +27,14 @@ from flowgen.flow.spec import FlowSpec
 from flowgen.symbolic.model import Eg, Vg, rmean, rsum
 
 _PY_TAKEN = {"jax", "jnp", "hyper", "state", "HYPER", "w", "g", "t", "Eg", "Vg", "p", "new"}
+_PY_TAKEN |= {"dw", "float"}  # a local of rates/drift; the builtin threshold() calls
 
 
 class FlowgenJaxPrinter(JaxPrinter):
     """sympy's JAX printer with ``jnp.`` names and flowgen's reductions."""
 
     _module = "jnp"
+    _kf = {k: v.replace("jax.numpy.", "jnp.", 1) for k, v in JaxPrinter._kf.items()}
 
     def __init__(self):
         super().__init__({"fully_qualified_modules": True, "allow_unknown_functions": False})
@@ -237,7 +239,7 @@ def format_source(text: str) -> str:
     cmd = [exe] if exe else [sys.executable, "-m", "ruff"]
     try:
         res = subprocess.run(
-            [*cmd, "format", "--line-length", "100", "-"],
+            [*cmd, "format", "--isolated", "--line-length", "100", "-"],
             input=text,
             capture_output=True,
             text=True,

@@ -216,8 +216,12 @@ def _lobpcg(op: Partial, X0: jax.Array, k: int, tol, max_iter):
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
-def _solve(op: Partial, X0: jax.Array, tol, max_iter, *, k: int):
-    m = X0.shape[1]
+def _solve(op: Partial, init: jax.Array, j, key: jax.Array, tol, max_iter, *, k: int):
+    """``init`` (n, m): its first ``j`` columns are the warm start, the rest are replaced
+    by random columns (so one compilation serves every ``j``)."""
+    n, m = init.shape
+    rand = jax.random.normal(key, (n, m), dtype=init.dtype)
+    X0 = jnp.where(jnp.arange(m)[None, :] < j, init, rand)
     theta, X, it, rel, conv = _lobpcg(op, X0, k, tol, max_iter)
     info = EigInfo(iterations=it, matvecs=m * (it + 1), residual=rel, converged=conv)
     return EigState(theta[:k], X[:, :k]), info
@@ -240,13 +244,18 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+@functools.cache
+def _default_key() -> jax.Array:
+    return jax.random.PRNGKey(0)
+
+
 def _check(state: EigState, info: EigInfo, n: int, k: int) -> None:
     if not (_is_concrete(state.vals) and _is_concrete(info.converged)):
         return  # inside jit: nothing can be raised
     where = None
-    if not bool(jnp.all(jnp.isfinite(state.vals))):
+    if not np.all(np.isfinite(np.asarray(state.vals))):
         where = "eigenvalues"
-    elif not bool(jnp.all(jnp.isfinite(state.vecs))):
+    elif not np.all(np.isfinite(np.asarray(state.vecs))):
         where = "eigenvectors"
     if where is not None:
         raise SimulationError(
@@ -281,19 +290,20 @@ def top_eigenpairs_with_info(
         state, info = _solve_dense(op, n=n, k=k)
     else:
         if key is None:
-            key = jax.random.PRNGKey(0)
+            key = _default_key()
         if init is None:
-            init = jnp.zeros((n, 0))
-        init = jnp.asarray(init, dtype=jnp.float64)
+            init = np.zeros((n, 0))
         if init.ndim == 1:
             init = init[:, None]
         if init.shape[0] != n:
             raise ValueError(f"init has {init.shape[0]} rows, expected n={n}")
-        j = init.shape[1]
-        if j < m:  # always hand (n, m) to the compiled solver: one compilation per (n, k)
-            pad = jax.random.normal(key, (n, m - j), dtype=init.dtype)
-            init = jnp.concatenate([init, pad], axis=1)
-        state, info = _solve(op, init[:, :m], tol, max_iter, k=k)
+        j = min(init.shape[1], m)
+        if _is_concrete(init):  # pad on the host: no per-shape compilation
+            padded = np.zeros((n, m))
+            padded[:, :j] = np.asarray(init, dtype=np.float64)[:, :j]
+        else:
+            padded = jnp.pad(jnp.asarray(init, jnp.float64)[:, :j], ((0, 0), (0, m - j)))
+        state, info = _solve(op, padded, j, key, tol, max_iter, k=k)
     _check(state, info, n, k)
     return state, info
 
@@ -363,7 +373,7 @@ def track_top(
     problems.
     """
     if key is None:
-        key = jax.random.PRNGKey(0)
+        key = _default_key()
     k_max = min(k_max, n)
     k_min = max(1, min(k_min, k_max))
     cut = frac * threshold
@@ -375,7 +385,7 @@ def track_top(
     while True:
         sub = jax.random.fold_in(key, k)
         state = top_eigenpairs(matvec, n, k, init=init, tol=tol, max_iter=max_iter, key=sub)
-        if float(state.vals[-1]) <= cut or k >= k_max:
+        if float(np.asarray(state.vals)[-1]) <= cut or k >= k_max:
             break
         k = min(k_max, k + max(2, k // 2))
         init = state.vecs
@@ -390,5 +400,6 @@ def track_top(
         )
     if k - n_above > 2:
         keep = max(k_min, n_above + 2)
-        state = EigState(state.vals[:keep], state.vecs[:, :keep])
+        vecs = np.asarray(state.vecs)[:, :keep]
+        state = EigState(jnp.asarray(vals[:keep]), jnp.asarray(vecs))
     return state

@@ -10,6 +10,9 @@ from the common start) and are compared with it step by step.
 
 Summary (``report.json``):
 
+* ``eos_start``: the first step at which the discrete effective sharpness
+  reaches ``0.95·c`` from below (an adaptive optimizer's warm-up, when its
+  preconditioner state is still near 0, does not count);
 * ``*_distance_rel = ‖w_disc − w_flow‖ / ‖w_disc − w_start‖`` at the last step;
 * ``loss_pred_rel_err``: mean over steps after ``max(eos_start, restart_at)``
   of |21-step centred window of the discrete loss − predicted loss| / window;
@@ -110,6 +113,20 @@ def interp_nan(x: np.ndarray) -> np.ndarray:
     return y
 
 
+def first_crossing(sharp: np.ndarray, level: float) -> int | None:
+    """First step at which the sharpness reaches ``level`` from below.
+
+    Adaptive optimizers start with a preconditioner state near 0 (``v = 0``),
+    so their effective sharpness is huge for the first steps; that warm-up is
+    not the edge of stability, which is reached by progressive sharpening."""
+    below = np.isfinite(sharp) & (sharp < level)
+    if not below.any():
+        return None
+    first_below = int(np.argmax(below))
+    above = np.nonzero((np.arange(len(sharp)) > first_below) & (sharp >= level))[0]
+    return int(above[0]) if len(above) else None
+
+
 def validate(
     opt: Optimizer,
     problem: Problem,
@@ -165,8 +182,7 @@ def validate(
         if step % config.chunk == 0:
             prog("sharpness", step, N)
     timings["discrete_sharpness_s"] = time.perf_counter() - tic
-    above = np.nonzero(sharp_d >= config.eos_frac * c)[0]
-    eos_start = int(above[0]) if len(above) else None
+    eos_start = first_crossing(sharp_d, config.eos_frac * c)
 
     # 2. where the flows start
     if config.restart_at is None:
