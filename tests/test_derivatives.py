@@ -111,4 +111,6 @@ def test_jittable_and_curvature_penalty(problem):
     def direct(w):  # ⟨H(w), Σ⟩ = Σ_ij X_ij u_iᵀ H u_j
         return 0.5 * jnp.sum(X * (U.T @ hess_times(loss, w, U)))
 
-    np.testing.assert_allclose(penalty(w, U, X), jax.grad(direct)(w), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        penalty(w, U, X), jax.jit(jax.grad(direct))(w), rtol=1e-10, atol=1e-12
+    )

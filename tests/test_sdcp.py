@@ -129,6 +129,15 @@ def test_matches_brute_force(k, seed):
     np.testing.assert_allclose(r.X, cholesky_solver(A0, B), atol=1e-5)
 
 
+def test_falls_back_to_scs(monkeypatch):
+    monkeypatch.setattr(sdcp, "SOLVERS", ("NOT_A_SOLVER", "SCS"))  # first one raises
+    A0, B = random_problem(3, 1)
+    r = solve_sdcp(A0, B)
+    assert r.solver == "SCS"
+    assert r.residual <= 1e-6
+    np.testing.assert_allclose(r.X, projection_solver(A0, B), atol=1e-6)
+
+
 def test_psd_A0_fast_path_skips_solver(monkeypatch):
     def boom(*a, **kw):
         raise AssertionError("solver called")
@@ -182,11 +191,30 @@ def test_scaled_problem():
 # --- failures --------------------------------------------------------------------
 
 
-def test_not_monotone_raises():
+def test_mildly_non_monotone_is_solved_by_splitting():
+    """B_s with a small negative eigenvalue: the splitting B = B₊ + R still finds X
+    satisfying all three complementarity conditions."""
+    rng = np.random.default_rng(11)
+    k = 3
+    Q = sym_basis(k)
+    d = Q.shape[1]
+    V = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    By = V @ np.diag([2.0, 1.5, 1.0, 0.8, 0.5, -0.05]) @ V.T
+    A0 = np.diag([-1.0, -0.3, 0.5])
+    res = solve_sdcp(A0, Q @ By @ Q.T)
+    X = res.X
+    A = A0 + (Q @ (By @ (Q.T @ X.reshape(-1)))).reshape(k, k)
+    assert np.linalg.eigvalsh(X)[0] > -1e-7
+    assert np.linalg.eigvalsh(A)[0] > -1e-7
+    assert abs(np.sum(X * A)) < 1e-7
+    assert np.trace(X) > 0
+
+
+def test_no_restoring_curvature_raises():
     A0, B = random_problem(2, 7)
     Q = sym_basis(2)
-    with pytest.raises(SimulationError, match="not monotone"):
-        solve_sdcp(A0, B - 5.0 * Q @ Q.T)
+    with pytest.raises(SimulationError, match="no restoring curvature|no positive"):
+        solve_sdcp(A0, -Q @ Q.T)
 
 
 def test_unbounded_raises_with_status_and_k():

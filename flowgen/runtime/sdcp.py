@@ -12,7 +12,7 @@ i.e. ``X ⪰ 0``, ``A₀ + B[X] ⪰ 0`` and ``⟨X, A₀ + B[X]⟩ = 0``.
 flatten). On the symmetric subspace (orthonormal basis ``E_ii``,
 ``(E_ij + E_ji)/√2``; coordinates ``y``) it is the ``d×d`` matrix
 ``B_y = Qᵀ B Q``, ``d = k(k+1)/2``, split as ``B_s + B_a`` (symmetric +
-antisymmetric part, ``B* `` being the transpose in these coordinates).
+antisymmetric part; the adjoint ``B*`` is the transpose in these coordinates).
 
 * ``A₀ ⪰ 0``: ``X = 0`` (no solver call).
 * ``k = 1``: ``X = max(0, −a/b)``; ``a < 0`` needs ``b > 0``.
@@ -53,9 +53,9 @@ jax.config.update("jax_enable_x64", True)
 
 __all__ = ["SDCPResult", "SDCPProblem", "sdcp_problem", "solve_sdcp", "sym_basis"]
 
-NEG_TOL = 1e-8  # B_s eigenvalues below -NEG_TOL·max|μ| make the SDCP non-monotone
+NEG_TOL = 1e-8  # relative size below which an eigenvalue of B_s counts as zero
 ACCEPT = 1e-5  # largest accepted residual of the rescaled problem
-MAX_FIXED_POINT = 20  # iterations for the antisymmetric part of B
+MAX_FIXED_POINT = 30  # iterations for the part of B outside its PSD symmetric part
 SOLVERS = ("CLARABEL", "SCS")
 POLISH_RANK = 1e-6  # eigenvalues of X̃ above this (relative) span the face used by _polish
 
@@ -218,7 +218,7 @@ def solve_sdcp(A0: np.ndarray, B: np.ndarray, *, tol: float = 1e-9) -> SDCPResul
       :class:`SDCPResult`.
 
     Raises:
-      SimulationError: non-finite data; ``k = 1`` with ``a < 0 ≤ −b``; ``B_s``
+      SimulationError: non-finite data; ``k = 1`` with ``a < 0`` and ``b ≤ 0``; ``B_s``
         significantly indefinite (not monotone); solver failure or a final
         rescaled residual above ``ACCEPT`` — never a silent zero.
     """
@@ -253,17 +253,20 @@ def solve_sdcp(A0: np.ndarray, B: np.ndarray, *, tol: float = 1e-9) -> SDCPResul
         return SDCPResult(X, _residual(X, A0 + apply_B(By, X)), 0, "closed_form")
 
     Bs = _sym(By)
-    Ba = 0.5 * (By - By.T)
     mu, V = np.linalg.eigh(Bs)
     sB = float(np.max(np.abs(mu)))
-    if sB == 0.0 or mu[0] < -NEG_TOL * sB:
+    if sB == 0.0 or mu[-1] <= NEG_TOL * sB:
         raise SimulationError(
-            f"SDCP not monotone (k={k}): the symmetric part of B has eigenvalue "
-            f"{mu[0]:.6g} (largest |eigenvalue| {sB:.6g}); the complementarity problem "
-            "is not equivalent to a convex QP here"
+            f"SDCP without restoring curvature (k={k}): the symmetric part of B has no positive "
+            f"eigenvalue (largest {mu[-1]:.6g}); no covariance can restore stability here"
         )
+    # splitting B = B₊ + R with B₊ the PSD part of B_s: the QP uses B₊, the remainder R
+    # (antisymmetric part, and the negative part of B_s when the SDCP is not monotone)
+    # goes to the fixed-point iteration; a fixed point satisfies the SDCP exactly.
+    Bplus = (V * np.maximum(mu, 0.0)) @ V.T
+    R = By - Bplus
     sA = float(np.max(np.abs(np.linalg.eigvalsh(A0))))
-    A0n, Bn, Ban = A0 / sA, By / sB, Ba / sB  # rescaled data, X = (sA/sB)·X̃
+    A0n, Bn, Ban = A0 / sA, By / sB, R / sB  # rescaled data, X = (sA/sB)·X̃
     L = (np.sqrt(np.maximum(mu / sB, 0.0))[:, None] * V.T) @ Q.T  # (d, k²)
     antisym = np.max(np.abs(Ban)) > 1e-14
 
@@ -271,7 +274,8 @@ def solve_sdcp(A0: np.ndarray, B: np.ndarray, *, tol: float = 1e-9) -> SDCPResul
     Xn = np.zeros((k, k))
     best, best_r = None, np.inf
     status, solver, it = "", "", 0
-    for it in range(1, MAX_FIXED_POINT + 1):  # noqa: B007 - `it` reported
+    while it < MAX_FIXED_POINT:
+        it += 1
         lin = A0n + apply_B(Ban, Xn) if antisym else A0n
         Xnew, status, solver = _solve_qp(prob, L, lin, tol)
         change = np.linalg.norm(Xnew - Xn)
