@@ -468,11 +468,6 @@ def test_signum_step_runs():
     np.testing.assert_allclose(w1, w - 1e-3 * np.sign(0.1 * g), rtol=1e-15)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flowgen/symbolic/stability.py:36: the curvature symbol LAM = Symbol('lambda', "
-    "positive=True) is the very symbol of a hyperparameter named `lambda`",
-)
 def test_hyper_named_lambda_keeps_the_threshold():
     spec = spec_from_text(
         """\
@@ -487,11 +482,21 @@ def test_hyper_named_lambda_keeps_the_threshold():
     assert spec.threshold == pytest.approx(2.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flowgen/codegen/jaxgen.py safe_name: `lambda` becomes `lambda_`, which can be "
-    "another name of the same program",
-)
+def test_constants_print_with_jnp():
+    spec = spec_from_text(
+        """\
+        optimizer ex "uses exp(1)"
+        hyper lr = 0.1
+        update {
+            w = w - lr * exp(1) * g
+        }
+        """
+    )
+    mod = load_module(generate(spec), "ex")
+    w1, _ = mod.step(jnp.zeros(2), {}, jnp.ones(2), 1)
+    np.testing.assert_allclose(w1, -0.1 * np.e * np.ones(2), rtol=1e-15)
+
+
 def test_escaped_keyword_does_not_collide_with_a_declared_name():
     spec = spec_from_text(
         """\

@@ -35,6 +35,7 @@ class FlowgenJaxPrinter(JaxPrinter):
 
     _module = "jnp"
     _kf = {k: v.replace("jax.numpy.", "jnp.", 1) for k, v in JaxPrinter._kf.items()}
+    _kc = {k: v.replace("jax.numpy.", "jnp.", 1) for k, v in JaxPrinter._kc.items()}
 
     def __init__(self):
         super().__init__({"fully_qualified_modules": True, "allow_unknown_functions": False})
@@ -61,8 +62,15 @@ class FlowgenJaxPrinter(JaxPrinter):
 _printer = FlowgenJaxPrinter()
 
 
-def safe_name(name: str) -> str:
-    return name + "_" if keyword.iskeyword(name) or name in _PY_TAKEN - {"w", "g", "t"} else name
+def safe_name(name: str, taken: set[str] | frozenset = frozenset()) -> str:
+    """A Python identifier for a DSL name: keywords and names the generated code uses
+    get underscores appended until the result clashes with nothing in ``taken``."""
+    if not (keyword.iskeyword(name) or name in _PY_TAKEN - {"w", "g", "t"}):
+        return name
+    out = name + "_"
+    while out in taken or keyword.iskeyword(out) or out in _PY_TAKEN:
+        out += "_"
+    return out
 
 
 def _rename(expr: sp.Expr, names: dict[str, str]) -> sp.Expr:
@@ -102,9 +110,11 @@ def _cse_block(outputs: list[sp.Expr], names, indent="    ") -> tuple[list[str],
 
 def generate(spec: FlowSpec, *, path_label: str | None = None) -> str:
     """The module's source text (deterministic: same spec, same bytes)."""
-    names = {n: safe_name(n) for n in [*spec.hyper, *(s.name for s in spec.states)]}
-    for st in spec.statements:
-        names.setdefault(st.target, safe_name(st.target))
+    declared = {*spec.hyper, *(s.name for s in spec.states), *(st.target for st in spec.statements)}
+    names: dict[str, str] = {}
+    for n in [*spec.hyper, *(s.name for s in spec.states), *(st.target for st in spec.statements)]:
+        if n not in names:
+            names[n] = safe_name(n, declared | set(names.values()))
     state_names = [s.name for s in spec.states]
     src = path_label or spec.path
     out: list[str] = []

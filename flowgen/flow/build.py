@@ -72,7 +72,8 @@ def build_flow(
         stab = stability.analyse(model, classes)
         stab_spec = StabilitySpec(
             stab.bifurcation,
-            stab.char_poly.xreplace({stability.LAM: sp.Symbol("lambda"), stability.A: sp.Symbol("a")}),
+            stab.char_poly.xreplace({stability.LAM: sp.Symbol("lambda"), stability.A: sp.Symbol("a"),
+                                     stability.MU: sp.Symbol("mu")}),
             stab.critical_curvature,
             stab.effective_step,
             stab.threshold,

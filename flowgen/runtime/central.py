@@ -53,6 +53,8 @@ class CentralConfig:
     track_frac: float = 0.9  # track every eigenvalue above this fraction of c
     k_max: int = 12  # at most this many tracked eigenvalues
     eig_tol: float = 1e-5  # eigensolver residual tolerance, relative to lambda_max
+    freeze_w: bool = False  # relax the states and Sigma with w-bar frozen (stationary analysis)
+    moment_form: str = "consistent"  # "talk": state rates read Eg = grad L (drops grad L * grad<H,S>)
 
 
 @dataclass
@@ -97,6 +99,7 @@ class CentralFlow:
         self.w = jnp.asarray(w0)
         self.state = opt.init(self.w) if state0 is None else state0
         self.t = float(t0)
+        self.t0 = float(t0)
         self.n = int(self.w.shape[0])
         self.eig = None
         self.timings = {"eigensolver": 0.0, "third_derivatives": 0.0, "sdcp": 0.0, "rates": 0.0}
@@ -111,16 +114,23 @@ class CentralFlow:
             Vg = jnp.sum((HU @ X) * HU, axis=1)
             return Eg, Vg
 
-        def advance(w, s, t, Eg, Vg):
-            _, ds = opt.drift(w, s, Eg, Vg, t)
+        freeze_w = config.freeze_w
+        talk = config.moment_form == "talk"
+        if config.moment_form not in ("consistent", "talk"):
+            raise ValueError(f"moment_form must be 'consistent' or 'talk', got {config.moment_form!r}")
+
+        def advance(w, s, t, Eg, Vg, g0):
+            _, ds = opt.drift(w, s, g0 if talk else Eg, Vg, t)
             s_new = jax.tree_util.tree_map(lambda a, b: a + dt * b, s, ds)
+            if freeze_w:
+                return w, s_new
             dw, _ = opt.drift(w, s_new, Eg, Vg, t)
             return w + dt * dw, s_new
 
         def coord_maps(X, w, s, t, g0, G, HU, p):
             Eg, Vg = moments(g0, G, HU, X)
-            w_new, s_new = advance(w, s, t, Eg, Vg)
-            p_new = opt.precond(w_new, s_new, t + dt)
+            w_new, s_new = advance(w, s, t, Eg, Vg, g0)
+            p_new = opt.precond(w_new, s_new, t if freeze_w else t + dt)
             return w_new - w, p / p_new
 
         @jax.jit
@@ -141,7 +151,7 @@ class CentralFlow:
         @jax.jit
         def step_with(w, s, t, g0, G, HU, X):
             Eg, Vg = moments(g0, G, HU, X)
-            w_new, s_new = advance(w, s, t, Eg, Vg)
+            w_new, s_new = advance(w, s, t, Eg, Vg, g0)
             return w_new, s_new, Eg, Vg
 
         self._moments = jax.jit(moments)
@@ -168,6 +178,8 @@ class CentralFlow:
         import time
 
         w, s, t = self.w, self.state, self.t + 1.0  # counter read by the rates: the step taken
+        if self.cfg.freeze_w:
+            t = self.t0 + 1.0  # a frozen point: the counter stays
         L, g0 = self._vg(w)
         p = self._precond(w, s, t)
         vals, vecs = self._eigs(w, p)

@@ -33,9 +33,10 @@ import sympy as sp
 from flowgen.symbolic.classify import FAST, strip_reductions
 from flowgen.symbolic.model import REDUCTION_CLASSES, G, StepModel, T, W, new_symbol, simp, tidy, tidy_signs
 
-LAM = sp.Symbol("lambda", positive=True)  # curvature of the eigendirection
-MU = sp.Symbol("mu")  # multiplier of the linearised map
-A = sp.Symbol("a", positive=True)  # dimensionless curvature λ·p
+# Dummy symbols: never equal to a user's name (a hyperparameter may be called `lambda`)
+LAM = sp.Dummy("lambda", positive=True)  # curvature of the eigendirection
+MU = sp.Dummy("mu")  # multiplier of the linearised map
+A = sp.Dummy("a", positive=True)  # dimensionless curvature λ·p
 
 FLIP, FOLD, NS, NONE = "flip", "fold", "neimark-sacker", "none"
 
@@ -209,7 +210,7 @@ def _schur_cohn_ns(chi: sp.Poly) -> sp.Expr:
     d = chi.degree()
     if d == 2:
         return coeffs[-1] / coeffs[0] - 1
-    mu2 = sp.Symbol("mu2")
+    mu2 = sp.Dummy("mu2")
     rec = sp.expand(mu2**d * chi.as_expr().subs(MU, 1 / mu2))
     res = sp.resultant(chi.as_expr(), rec.subs(mu2, MU), MU)
     return sp.factor(res)
