@@ -66,18 +66,17 @@ def cmd_list(args) -> int:
     dirs = [Path(args.dir)] if args.dir else library_dirs()[:1]
     if not dirs or not dirs[0].is_dir():
         raise UsageError(f"no optimizer library at {dirs[0] if dirs else 'optimizers/'}")
-    tab = Table(title=f"optimizers in {dirs[0]}", title_justify="left")
-    for col in ("name", "description", "states", "hyperparameters", "file"):
-        tab.add_column(col)
+    tab = Table(title=f"optimizers in {dirs[0]}", title_justify="left", box=None)
+    for col in ("name", "states", "description"):
+        tab.add_column(col, no_wrap=True, overflow="ellipsis")
     for f in sorted(dirs[0].glob("*.opt")):
         try:
             p = load_program(str(f))
         except FlowgenError as err:
-            tab.add_row(f.stem, f"[red]invalid: {err.message}[/red]", "", "", str(f))
+            tab.add_row(f.stem, "", f"[red]invalid: {err.message}[/red]")
             continue
         states = ", ".join(s.name + (" (scalar)" if s.scalar else "") for s in p.states) or "—"
-        hyp = ", ".join(f"{h.name}={h.value:g}" for h in p.hypers)
-        tab.add_row(p.name, p.description, states, hyp, str(f))
+        tab.add_row(p.name, states, p.description)
     _console().print(tab)
     return 0
 

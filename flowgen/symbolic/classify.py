@@ -30,6 +30,14 @@ def strip_reductions(expr: sp.Expr) -> sp.Expr:
     return expr.replace(lambda e: isinstance(e, REDUCTION_CLASSES), lambda e: e.args[0])
 
 
+def _solve_linear(expr: sp.Expr, x: sp.Symbol) -> list[sp.Expr] | None:
+    """Root of ``expr = 0`` when it is affine in ``x`` (the common case: EMAs); else None."""
+    a = sp.diff(expr, x)
+    if a.has(x) or a == 0:
+        return None
+    return [sp.cancel(-expr.subs(x, 0) / a)]
+
+
 def state_rate(model: StepModel, s: str) -> sp.Expr:
     """``ds/dt`` (raw, before averaging) in current values, ``g``, ``t``, hypers."""
     f = model.f[s]
@@ -43,10 +51,12 @@ def state_rate(model: StepModel, s: str) -> sp.Expr:
             node,
             hint=f"make `{s}` a local value of the step (drop its `state` declaration)",
         )
-    try:
-        sols = sp.solve(sp.Eq(cur, f_old), old, dict=False)
-    except (NotImplementedError, ValueError, TypeError):
-        sols = []
+    sols = _solve_linear(f_old - cur, old)
+    if sols is None:
+        try:
+            sols = sp.solve(sp.Eq(cur, f_old), old, dict=False)
+        except (NotImplementedError, ValueError, TypeError):
+            sols = []
     sols = [sol for sol in sols if not sol.has(sp.I)]
     if len(sols) != 1:
         raise model.error(

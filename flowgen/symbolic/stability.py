@@ -160,8 +160,8 @@ def linear_map(model: StepModel, classes: dict[str, str]) -> LinearMap:
 def sample_values(model: StepModel) -> dict:
     """Numbers for a numeric look at the map: hyper values, frozen states at 1,
     ``t`` late in training."""
-    vals = {sym: model.hyper_values[name] for name, sym in model.hyper.items()}
-    vals[T] = 10_000
+    vals = {sym: sp.Float(model.hyper_values[name]) for name, sym in model.hyper.items()}
+    vals[T] = sp.Integer(10_000)
     return vals
 
 
@@ -169,7 +169,7 @@ FROZEN_SAMPLE = 0.5371  # value given to frozen states in numeric looks (generic
 
 
 def _numeric(expr, vals, extra=None):
-    e = expr.xreplace({**vals, **(extra or {})})
+    e = sp.sympify(expr).xreplace({**vals, **(extra or {})})
     e = e.xreplace({s: FROZEN_SAMPLE for s in e.free_symbols if s not in (LAM, MU, A)})
     return e
 
@@ -242,26 +242,33 @@ def analyse(model: StepModel, classes: dict[str, str]) -> Stability:
         )
         return Stability(NONE, chi, None, lm.p, None, None, {}, note)
 
-    chi_poly = sp.Poly(chi, MU)
+    p = None if lm.p is None else tidy_signs(sp.factor(lm.p))
+    # in the dimensionless curvature a = λ·p the polynomial is free of the frozen states
+    var, chi_v, target = (LAM, chi, lam_c)
+    if p is not None:
+        chi_a = sp.collect(sp.expand(simp(chi.subs(LAM, A / p))), MU)
+        p_num = complex(sp.N(_numeric(p, vals))).real
+        var, chi_v, target = A, chi_a, lam_c * p_num
+    chi_poly = sp.Poly(chi_v, MU)
+    chi_v = sp.collect(sp.expand(simp(chi_poly.as_expr() / chi_poly.LC())), MU)
+    chi_poly = sp.Poly(chi_v, MU)
     if kind == FLIP:
         cond = chi_poly.as_expr().subs(MU, -1)
     elif kind == FOLD:
         cond = chi_poly.as_expr().subs(MU, 1)
     else:
         cond = _schur_cohn_ns(chi_poly)
-    lam_star = _pick_root(cond, lam_c, vals)
-    if lam_star is None:  # no closed form: keep the number
-        lam_star = sp.Float(lam_c, 12)
+    root = _pick_root(cond, target, vals, var)
+    if root is None:  # no closed form: keep the number
+        root = sp.Float(target, 12)
     threshold = value = None
-    p = lm.p
     if p is not None:
-        p = tidy_signs(sp.factor(p))
-        threshold = tidy(lam_star * p)
+        threshold = tidy(root)
         value = _threshold_value(threshold, vals)
         lam_star = tidy_signs(threshold / p)
-        chi = sp.collect(sp.expand(simp(chi.subs(LAM, A / p) * chi_poly.LC() ** -1)), MU)
+        chi = chi_v
     else:
-        lam_star = tidy_signs(lam_star)
+        lam_star = tidy_signs(root)
     kappa = _kappa(lm, lam_star) if kind == FLIP else {}
     note = (
         "a complex pair leaves the unit circle first: the oscillation is quasi-periodic, "
@@ -272,11 +279,19 @@ def analyse(model: StepModel, classes: dict[str, str]) -> Stability:
     return Stability(kind, chi, lam_star, p, threshold, value, kappa, note)
 
 
-def _pick_root(cond: sp.Expr, lam_c: float, vals) -> sp.Expr | None:
+def _pick_root(cond: sp.Expr, lam_c: float, vals, var=LAM) -> sp.Expr | None:
+    """The root of ``cond(var) = 0`` that matches the numerically located crossing."""
+    num = sp.numer(sp.together(cond))
     try:
-        roots = sp.solve(sp.numer(sp.together(cond)), LAM)
-    except (NotImplementedError, ValueError):
-        return None
+        poly = sp.Poly(num, var)
+        roots = list(sp.roots(poly, multiple=True)) if poly.degree() <= 2 else None
+    except sp.PolynomialError:
+        roots = None
+    if not roots:
+        try:
+            roots = sp.solve(num, var)
+        except (NotImplementedError, ValueError):
+            return None
     best, err = None, np.inf
     for r in roots:
         try:
@@ -302,18 +317,16 @@ def _threshold_value(c: sp.Expr, vals) -> float | None:
 
 
 def _kappa(lm: LinearMap, lam_star: sp.Expr) -> dict[str, sp.Expr]:
-    """``δf = κ δg(w_t)`` on the flip mode: from the null vector of ``J(λ*) + I``."""
+    """``δf = κ δg(w_t)`` on the flip mode: the eigenvector of ``J(λ*)`` at ``μ = −1``
+    with ``v_w = 1`` solves ``(J_ff + I) v_f = −J_fw``; ``κ = v_f / λ*``."""
     if len(lm.variables) == 1:
         return {}
-    M = (lm.J + sp.eye(lm.J.shape[0])).subs(LAM, lam_star)
-    M = M.applyfunc(simp)
-    ns = M.nullspace(simplify=simp)
-    if not ns:
+    M = (lm.J + sp.eye(lm.J.shape[0])).subs(LAM, lam_star).applyfunc(simp)
+    Jff, Jfw = M[1:, 1:], M[1:, 0]
+    try:
+        vf = Jff.LUsolve(-Jfw)
+    except (ValueError, ZeroDivisionError):
         return {}
-    v = ns[0]
-    if simp(v[0]) == 0:
+    if any(e.has(sp.zoo, sp.nan) for e in vf):
         return {}
-    return {
-        f: tidy(v[i + 1] / (lam_star * v[0]))
-        for i, f in enumerate(lm.variables[1:])
-    }
+    return {f: tidy(vf[i] / lam_star) for i, f in enumerate(lm.variables[1:])}
