@@ -2,7 +2,7 @@
 
     python examples/central_flows.py gd        # GD, lr 0.4, restarted at step 300
     python examples/central_flows.py rmsprop   # RMSProp, lr 3e-4, beta2 0.99
-    python examples/central_flows.py adam      # Adam, lr 3e-3, beta1 0.9, beta2 0.99
+    python examples/central_flows.py adam      # Adam, lr 1e-3, beta1 0.9, beta2 0.99
     python examples/central_flows.py all
 
 Each run writes examples/figures/<name>/validate.png (loss, effective
@@ -23,10 +23,13 @@ SETTINGS = {
     "gd": dict(file="gd.opt", steps=1000, restart_at=300, hyper=dict(lr=0.4)),
     "rmsprop": dict(file="rmsprop.opt", steps=1100, restart_at="auto",
                     hyper=dict(lr=3e-4, beta2=0.99)),
-    "scalar_rmsprop": dict(file="scalar_rmsprop.opt", steps=1000, restart_at="auto",
+    "scalar_rmsprop": dict(file="scalar_rmsprop.opt", steps=1100, restart_at="auto",
                            hyper=dict(lr=0.01, beta2=0.99)),
-    "adam": dict(file="adam.opt", steps=1200, restart_at="auto",
-                 hyper=dict(lr=3e-3, beta1=0.9, beta2=0.99)),
+    "adam": dict(file="adam.opt", steps=1400, restart_at="auto",
+                 hyper=dict(lr=1e-3, beta1=0.9, beta2=0.99)),
+    # larger step: the discrete loss bursts around the prediction (distances pass, loss 16 %)
+    "adam_lr3e-3": dict(file="adam.opt", steps=1200, restart_at="auto",
+                        hyper=dict(lr=3e-3, beta1=0.9, beta2=0.99)),
 }
 
 
