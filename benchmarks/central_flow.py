@@ -62,18 +62,25 @@ def main():
     ch, t_central = timed(cf.advance, K)
     per = {k: v / K for k, v in cf.timings.items()}
     other = t_central / K - sum(per.values())
-    print(f"{args.optimizer} on digits-mlp (n = {prob.n}), {K} units of time from step {start}, "
-          f"critical directions {int(ch.n_crit.min())}–{int(ch.n_crit.max())}")
+    print(
+        f"{args.optimizer} on digits-mlp (n = {prob.n}), {K} units of time from step {start}, "
+        f"critical directions {int(ch.n_crit.min())}–{int(ch.n_crit.max())}"
+    )
     print(f"{'process':<34}{'s per step':>12}{'x discrete':>12}")
-    rows = [("discrete step (jit, lax.scan)", t_disc / K), ("stable flow (diffrax), per unit", t_stable / K),
-            ("central flow, per unit (4 substeps)", t_central / K)]
+    rows = [
+        ("discrete step (jit, lax.scan)", t_disc / K),
+        ("stable flow (diffrax), per unit", t_stable / K),
+        ("central flow, per unit (4 substeps)", t_central / K),
+    ]
     for name, v in rows:
         print(f"{name:<34}{v:>12.5f}{v / (t_disc / K):>12.1f}")
     print("central flow split (per unit of time):")
     for k, v in [*per.items(), ("other (python, records)", other)]:
         print(f"  {k:<32}{v:>12.5f}{100 * v / (t_central / K):>11.0f}%")
-    print(f"validate (three processes) ≈ {(t_disc + t_stable + t_central) / K:.3f} s per step "
-          "(plus the discrete run's sharpness measurement)")
+    print(
+        f"validate (three processes) ≈ {(t_disc + t_stable + t_central) / K:.3f} s per step "
+        "(plus the discrete run's sharpness measurement)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The Python API in a few lines: derive, generate, run.
 
-    python examples/api_quickstart.py
+python examples/api_quickstart.py
 """
 
 from pathlib import Path
@@ -18,5 +18,5 @@ source = adam.codegen(lr=3e-3)  # the generated JAX module, as text
 print(source.splitlines()[0])
 
 res = adam.run("digits-mlp", steps=100, lr=3e-3, beta2=0.99, eig_every=10)
-print("final loss: discrete %.4g, stable flow %.4g"
-      % (res.series["loss_discrete"][-1], res.series["loss_stable"][-1]))
+s = res.series
+print(f"final loss: discrete {s['loss_discrete'][-1]:.4g}, stable flow {s['loss_stable'][-1]:.4g}")

@@ -21,15 +21,19 @@ ROOT = HERE.parent
 
 SETTINGS = {
     "gd": dict(file="gd.opt", steps=1000, restart_at=300, hyper=dict(lr=0.4)),
-    "rmsprop": dict(file="rmsprop.opt", steps=1100, restart_at="auto",
-                    hyper=dict(lr=3e-4, beta2=0.99)),
-    "scalar_rmsprop": dict(file="scalar_rmsprop.opt", steps=1100, restart_at="auto",
-                           hyper=dict(lr=0.01, beta2=0.99)),
-    "adam": dict(file="adam.opt", steps=1400, restart_at="auto",
-                 hyper=dict(lr=1e-3, beta1=0.9, beta2=0.99)),
+    "rmsprop": dict(
+        file="rmsprop.opt", steps=1100, restart_at="auto", hyper=dict(lr=3e-4, beta2=0.99)
+    ),
+    "scalar_rmsprop": dict(
+        file="scalar_rmsprop.opt", steps=1100, restart_at="auto", hyper=dict(lr=0.01, beta2=0.99)
+    ),
+    "adam": dict(
+        file="adam.opt", steps=1400, restart_at="auto", hyper=dict(lr=1e-3, beta1=0.9, beta2=0.99)
+    ),
     # larger step: the discrete loss bursts around the prediction (distances pass, loss 16 %)
-    "adam_lr3e-3": dict(file="adam.opt", steps=1200, restart_at="auto",
-                        hyper=dict(lr=3e-3, beta1=0.9, beta2=0.99)),
+    "adam_lr3e-3": dict(
+        file="adam.opt", steps=1200, restart_at="auto", hyper=dict(lr=3e-3, beta1=0.9, beta2=0.99)
+    ),
 }
 
 
@@ -38,13 +42,20 @@ def main(names):
         s = SETTINGS[name]
         opt = flowgen.load(ROOT / "optimizers" / s["file"])
         tic = time.perf_counter()
-        res = opt.validate("digits-mlp", steps=s["steps"], restart_at=s["restart_at"],
-                           out=HERE / "figures" / name, **s["hyper"])
+        res = opt.validate(
+            "digits-mlp",
+            steps=s["steps"],
+            restart_at=s["restart_at"],
+            out=HERE / "figures" / name,
+            **s["hyper"],
+        )
         sm = res.summary
-        print(f"{name}: eos_start {res.eos_start}, flows from step {res.start}: central "
-              f"{sm['central_distance_rel']:.3f} vs stable {sm['stable_distance_rel']:.3f}, "
-              f"loss error {sm['loss_pred_rel_err']:.3f}, verdict {sm['verdict']} "
-              f"({time.perf_counter() - tic:.0f} s)")
+        print(
+            f"{name}: eos_start {res.eos_start}, flows from step {res.start}: central "
+            f"{sm['central_distance_rel']:.3f} vs stable {sm['stable_distance_rel']:.3f}, "
+            f"loss error {sm['loss_pred_rel_err']:.3f}, verdict {sm['verdict']} "
+            f"({time.perf_counter() - tic:.0f} s)"
+        )
 
 
 if __name__ == "__main__":

@@ -43,19 +43,41 @@ class OptFile:
 
         return Optimizer.from_spec(self.derive(require_central=False, **hyper))
 
-    def run(self, problem="digits-mlp", steps: int = 1000, *, problem_options=None,
-            eig_every: int = 5, chunk: int = 50, progress=None, **hyper: float):
+    def run(
+        self,
+        problem="digits-mlp",
+        steps: int = 1000,
+        *,
+        problem_options=None,
+        eig_every: int = 5,
+        chunk: int = 50,
+        progress=None,
+        **hyper: float,
+    ):
         """Discrete optimizer and stable flow in lockstep; returns a ``RunResult``."""
         from flowgen.runtime.problems import Problem, get_problem
         from flowgen.runtime.run import RunConfig, run_stable
 
-        prob = problem if isinstance(problem, Problem) else get_problem(problem, **(problem_options or {}))
+        prob = (
+            problem
+            if isinstance(problem, Problem)
+            else get_problem(problem, **(problem_options or {}))
+        )
         cfg = RunConfig(steps=steps, eig_every=eig_every, chunk=chunk)
         return run_stable(self.optimizer(**hyper), prob, cfg, progress=progress)
 
-
-    def validate(self, problem="digits-mlp", steps: int = 1000, *, restart_at=None,
-                 problem_options=None, substeps: int = 4, progress=None, out=None, **hyper: float):
+    def validate(
+        self,
+        problem="digits-mlp",
+        steps: int = 1000,
+        *,
+        restart_at=None,
+        problem_options=None,
+        substeps: int = 4,
+        progress=None,
+        out=None,
+        **hyper: float,
+    ):
         """Discrete, central and stable processes compared (``flowgen validate``).
 
         Returns a ``ValidationResult``; with ``out`` also writes report.json,
@@ -65,9 +87,15 @@ class OptFile:
         from flowgen.runtime.problems import Problem, get_problem
         from flowgen.runtime.validate import ValidateConfig, validate
 
-        prob = problem if isinstance(problem, Problem) else get_problem(problem, **(problem_options or {}))
+        prob = (
+            problem
+            if isinstance(problem, Problem)
+            else get_problem(problem, **(problem_options or {}))
+        )
         opt = self.optimizer(**hyper)
-        cfg = ValidateConfig(steps=steps, restart_at=restart_at, central=CentralConfig(substeps=substeps))
+        cfg = ValidateConfig(
+            steps=steps, restart_at=restart_at, central=CentralConfig(substeps=substeps)
+        )
         res = validate(opt, prob, cfg, progress=progress)
         if out is not None:
             from flowgen.report.outputs import write_validation

@@ -25,14 +25,19 @@ def parse_sets(items: list[str] | None) -> dict[str, float]:
         try:
             out[k.strip()] = float(v)
         except ValueError:
-            raise UsageError(f"--set {k}: `{v}` is not a number", hint="e.g. --set lr=3e-4") from None
+            raise UsageError(
+                f"--set {k}: `{v}` is not a number", hint="e.g. --set lr=3e-4"
+            ) from None
     return out
 
 
 def library_dirs() -> list[Path]:
     here = Path(__file__).resolve().parent
-    return [d for d in (Path.cwd() / "optimizers", here / "optimizers", here.parent / "optimizers")
-            if d.is_dir()]
+    return [
+        d
+        for d in (Path.cwd() / "optimizers", here / "optimizers", here.parent / "optimizers")
+        if d.is_dir()
+    ]
 
 
 def _console(stderr=False):
@@ -101,11 +106,23 @@ def _problem(args):
 
 
 def _progress(label: str):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    prog = Progress(TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=_console(stderr=True),
-                    transient=False)
+    prog = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=_console(stderr=True),
+        transient=False,
+    )
     return prog
 
 
@@ -144,9 +161,16 @@ def cmd_validate(args) -> int:
         try:
             restart = int(restart)
         except ValueError:
-            raise UsageError(f"--restart-at expects a step number or `auto`, got `{restart}`") from None
-    cfg = ValidateConfig(steps=args.steps, restart_at=restart, chunk=args.chunk,
-                         eig_every=args.eig_every or 1, central=CentralConfig(substeps=args.substeps))
+            raise UsageError(
+                f"--restart-at expects a step number or `auto`, got `{restart}`"
+            ) from None
+    cfg = ValidateConfig(
+        steps=args.steps,
+        restart_at=restart,
+        chunk=args.chunk,
+        eig_every=args.eig_every or 1,
+        central=CentralConfig(substeps=args.substeps),
+    )
     tic = time.perf_counter()
     with _progress(f"{opt.name} on {problem.name}") as prog:
         tasks = {}
@@ -169,14 +193,19 @@ def cmd_validate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="flowgen",
-        description="Derive, generate and validate central flows of optimizers at the edge of stability.",
+        description="Derive, generate and validate central flows of optimizers "
+        "at the edge of stability.",
     )
     ap.add_argument("--version", action="version", version=f"flowgen {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     def with_set(p):
-        p.add_argument("--set", action="append", metavar="NAME=VALUE",
-                       help="override a hyperparameter (repeatable)")
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="NAME=VALUE",
+            help="override a hyperparameter (repeatable)",
+        )
 
     p = sub.add_parser("derive", help="derive the stability threshold and the central flow")
     p.add_argument("file")
@@ -197,14 +226,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_codegen)
 
     def with_problem(p):
-        p.add_argument("--problem", default="digits-mlp",
-                       help="builtin (quadratic, digits-mlp) or path/file.py:func or module:func")
-        p.add_argument("--problem-opt", action="append", metavar="KEY=VALUE",
-                       help="problem option, e.g. n=200 or init_scales=0.2,1,0.1 (repeatable)")
+        p.add_argument(
+            "--problem",
+            default="digits-mlp",
+            help="builtin (quadratic, digits-mlp) or path/file.py:func or module:func",
+        )
+        p.add_argument(
+            "--problem-opt",
+            action="append",
+            metavar="KEY=VALUE",
+            help="problem option, e.g. n=200 or init_scales=0.2,1,0.1 (repeatable)",
+        )
         p.add_argument("--steps", type=int, default=1000)
         p.add_argument("--out", help="output directory")
-        p.add_argument("--eig-every", type=int, default=None,
-                       help="effective sharpness every K steps (run: 5, validate: 1)")
+        p.add_argument(
+            "--eig-every",
+            type=int,
+            default=None,
+            help="effective sharpness every K steps (run: 5, validate: 1)",
+        )
         p.add_argument("--chunk", type=int, default=25, help="steps per lockstep chunk")
 
     p = sub.add_parser("run", help="run the discrete optimizer and its stable flow")
@@ -217,9 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     with_set(p)
     with_problem(p)
-    p.add_argument("--restart-at", metavar="T|auto",
-                   help="restart both flows from the discrete iterate at step T (auto: 100 steps "
-                   "after the edge of stability)")
+    p.add_argument(
+        "--restart-at",
+        metavar="T|auto",
+        help="restart both flows from the discrete iterate at step T (auto: 100 steps "
+        "after the edge of stability)",
+    )
     p.add_argument("--substeps", type=int, default=4, help="Euler substeps per step")
     p.add_argument("--strict", action="store_true", help="exit 1 unless the verdict is pass")
     p.set_defaults(func=cmd_validate)

@@ -27,8 +27,27 @@ def S(name, **kw):
 
 def parse(s):
     """Parse flowgen's own output (never user input) for comparison."""
-    names = {n: sp.Symbol(n) for n in ("lr", "beta1", "beta2", "beta", "eps", "v", "m", "t",
-                                       "Eg", "Vg", "g", "w", "s", "weight_decay", "a", "mu")}
+    names = {
+        n: sp.Symbol(n)
+        for n in (
+            "lr",
+            "beta1",
+            "beta2",
+            "beta",
+            "eps",
+            "v",
+            "m",
+            "t",
+            "Eg",
+            "Vg",
+            "g",
+            "w",
+            "s",
+            "weight_decay",
+            "a",
+            "mu",
+        )
+    }
     return sp.parse_expr(s, local_dict={**names, **PARSE_LOCALS})
 
 
@@ -210,8 +229,9 @@ def test_cli_derive_json_no_jax_and_exit_codes(tmp_path):
     assert d["optimizer"] == "adam" and d["stability"]["threshold_value"] == pytest.approx(38)
     bad = tmp_path / "bad.opt"
     bad.write_text("optimizer bad\nupdate {\n  w = w - lr * g\n}\n")
-    out = subprocess.run([sys.executable, "-m", "flowgen.cli", "derive", str(bad)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "flowgen.cli", "derive", str(bad)], capture_output=True, text=True
+    )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "bad.opt:3:" in out.stderr
 

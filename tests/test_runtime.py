@@ -22,8 +22,22 @@ USER = f"{ROOT / 'examples' / 'my_problem.py'}:make_problem"
 
 def test_run_cli_writes_outputs(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["run", str(OPT / "gd.opt"), "--problem", "quadratic", "--steps", "40",
-               "--set", "lr=0.02", "--eig-every", "10", "--out", str(out)])
+    rc = main(
+        [
+            "run",
+            str(OPT / "gd.opt"),
+            "--problem",
+            "quadratic",
+            "--steps",
+            "40",
+            "--set",
+            "lr=0.02",
+            "--eig-every",
+            "10",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads((out / "run.json").read_text())
     assert data["threshold"] == 2.0 and data["config"]["steps"] == 40
@@ -45,7 +59,9 @@ def test_stable_flow_is_the_small_step_limit(name):
         opt = flowgen.load(OPT / f"{name}.opt").optimizer(lr=lr)
         cd = DiscreteProcess(opt, prob, prob.w0).advance(K)
         cs = StableFlow(opt, prob, prob.w0, rtol=1e-9, atol=1e-12).advance(K)
-        gaps.append(float(jnp.linalg.norm(cd.w[-1] - cs.w[-1]) / jnp.linalg.norm(cd.w[-1] - prob.w0)))
+        gaps.append(
+            float(jnp.linalg.norm(cd.w[-1] - cs.w[-1]) / jnp.linalg.norm(cd.w[-1] - prob.w0))
+        )
     assert gaps[1] < 0.05
     assert gaps[0] / gaps[1] == pytest.approx(2.0, rel=0.15)
 
@@ -113,20 +129,42 @@ def test_validation_on_small_problem_passes(small_validation):
 
 def test_validate_cli_user_problem_and_strict(tmp_path):
     out = tmp_path / "val"
-    rc = main(["validate", str(OPT / "gd.opt"), "--problem", USER, "--problem-opt", "width=8",
-               "--steps", "30", "--set", "lr=0.5", "--out", str(out), "--strict"])
+    rc = main(
+        [
+            "validate",
+            str(OPT / "gd.opt"),
+            "--problem",
+            USER,
+            "--problem-opt",
+            "width=8",
+            "--steps",
+            "30",
+            "--set",
+            "lr=0.5",
+            "--out",
+            str(out),
+            "--strict",
+        ]
+    )
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep["summary"]) >= {"central_distance_rel", "stable_distance_rel",
-                                   "loss_pred_rel_err", "sharpness_rel_err",
-                                   "stable_sharpness_max", "verdict"}
+    assert set(rep["summary"]) >= {
+        "central_distance_rel",
+        "stable_distance_rel",
+        "loss_pred_rel_err",
+        "sharpness_rel_err",
+        "stable_sharpness_max",
+        "verdict",
+    }
     assert rep["summary"]["verdict"] in ("pass", "fail", "no-eos")
     assert rc == (0 if rep["summary"]["verdict"] == "pass" else 1)
     assert rep["provenance"]["sha256"] and (out / "validate.png").exists()
     assert len(rep["series"]["loss_discrete"]) == 31
 
 
-@pytest.mark.parametrize("name, hyper, start", [("adam", dict(lr=1e-2, beta2=0.99), 1),
-                                                ("rmsprop", dict(lr=3e-3, beta2=0.99), 4)])
+@pytest.mark.parametrize(
+    "name, hyper, start",
+    [("adam", dict(lr=1e-2, beta2=0.99), 1), ("rmsprop", dict(lr=3e-3, beta2=0.99), 4)],
+)
 def test_constant_features_no_nan(name, hyper, start):
     """Dead inputs keep ν = 0 exactly; ∂√ν/∂ν = ∞ times a zero rate must not be NaN."""
     from flowgen.runtime.central import CentralConfig

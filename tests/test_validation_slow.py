@@ -34,8 +34,9 @@ def test_central_flow_tracks_discrete_at_eos(name, hyper, steps, restart):
     assert sm["sharpness_rel_err"] <= 0.10
 
 
-@pytest.mark.parametrize("name, hyper", [("rmsprop", dict(lr=3e-4, beta2=0.99)),
-                                         ("adam", dict(lr=3e-3, beta2=0.99))])
+@pytest.mark.parametrize(
+    "name, hyper", [("rmsprop", dict(lr=3e-4, beta2=0.99)), ("adam", dict(lr=3e-3, beta2=0.99))]
+)
 def test_validate_with_constant_input_features_has_no_nan(name, hyper):
     """digits-mlp keeping the 10 constant pixels: their weights have ν = 0 forever."""
     import numpy as np

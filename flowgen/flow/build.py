@@ -21,8 +21,12 @@ def check_overrides(program: Program, overrides: dict[str, float] | None) -> dic
     for k, v in (overrides or {}).items():
         if k not in program.hyper_defaults:
             close = difflib.get_close_matches(k, known, n=1)
-            hint = f"did you mean `{close[0]}`?" if close else f"hyperparameters: {', '.join(known)}"
-            raise UsageError(f"--set {k}=...: `{program.name}` has no hyperparameter `{k}`", hint=hint)
+            hint = (
+                f"did you mean `{close[0]}`?" if close else f"hyperparameters: {', '.join(known)}"
+            )
+            raise UsageError(
+                f"--set {k}=...: `{program.name}` has no hyperparameter `{k}`", hint=hint
+            )
         out[k] = float(v)
     return out
 
@@ -44,16 +48,18 @@ def build_flow(
     for name in (*program.hyper_defaults, *program.state_names):
         if name in (EG_NAME, VG_NAME):
             raise DerivationError(
-                f"`{name}` is reserved for the moments of the gradient in derived flows; "
-                "rename it"
+                f"`{name}` is reserved for the moments of the gradient in derived flows; rename it"
             )
     model = build_model(program, overrides)
     classes = classify.classify_states(model)
     statements = tuple(
         Statement(st.target, st.role, st.raw, st.node.line) for st in model.statements
     )
-    rates = {s: classify.state_rate(model, s) for s in model.states if s in model.f and s in
-             model.assign_node}
+    rates = {
+        s: classify.state_rate(model, s)
+        for s in model.states
+        if s in model.f and s in model.assign_node
+    }
     for s in model.states:  # never assigned: constant
         rates.setdefault(s, sp.Integer(0))
     w_rate = classify.w_rate(model)
@@ -72,8 +78,13 @@ def build_flow(
         stab = stability.analyse(model, classes)
         stab_spec = StabilitySpec(
             stab.bifurcation,
-            stab.char_poly.xreplace({stability.LAM: sp.Symbol("lambda"), stability.A: sp.Symbol("a"),
-                                     stability.MU: sp.Symbol("mu")}),
+            stab.char_poly.xreplace(
+                {
+                    stability.LAM: sp.Symbol("lambda"),
+                    stability.A: sp.Symbol("a"),
+                    stability.MU: sp.Symbol("mu"),
+                }
+            ),
             stab.critical_curvature,
             stab.effective_step,
             stab.threshold,

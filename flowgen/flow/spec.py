@@ -108,7 +108,10 @@ class FlowSpec:
             "states": {s.name: s.kind for s in self.states},
             "scalar_states": [s.name for s in self.states if s.scalar],
             "stability": stab,
-            "rates": {"w": expr_str(self.w_rate), **{s.name: expr_str(s.rate) for s in self.states}},
+            "rates": {
+                "w": expr_str(self.w_rate),
+                **{s.name: expr_str(s.rate) for s in self.states},
+            },
             "drift": drift,
             "kappa": {s.name: expr_str(s.kappa) for s in self.states if s.kappa is not None},
             "central_flow": None if self.has_central else self.central_reason,

@@ -1,1 +1,4 @@
-"""Stage 6: reports — terminal (rich), LaTeX, JSON and figures. Only this stage and the CLI print."""
+"""Stage 6: reports — terminal (rich), LaTeX, JSON and figures.
+
+Only this stage and the CLI print.
+"""

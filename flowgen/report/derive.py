@@ -29,7 +29,7 @@ def _fmt_num(x: float | None) -> str:
 
 
 def quasi_static(spec: FlowSpec) -> list[tuple[str, sp.Expr, sp.Expr]]:
-    """For states whose drift is affine and decaying in the state: (name, time scale, fixed point)."""
+    """States whose drift is affine and decaying: (name, time scale, fixed point)."""
     out = []
     for s in spec.states:
         if s.drift is None or s.kind == "counter":
@@ -53,15 +53,19 @@ def reading(spec: FlowSpec) -> str:
     if st is None:
         return (
             f"{spec.name} has no central flow: {spec.central_reason}. "
-            "Its discrete optimizer and raw rates are still available to `flowgen codegen` and `run`."
+            "Its discrete optimizer and raw rates are still available to "
+            "`flowgen codegen` and `run`."
         )
     hyp = ", ".join(
-        f"{k}={v:g}" for k, v in spec.hyper.items() if st.threshold is not None and sp.Symbol(k) in
-        {sp.Symbol(s.name) for s in st.threshold.free_symbols}
+        f"{k}={v:g}"
+        for k, v in spec.hyper.items()
+        if st.threshold is not None
+        and sp.Symbol(k) in {sp.Symbol(s.name) for s in st.threshold.free_symbols}
     )
     if st.bifurcation == "flip" and st.threshold is not None:
         parts.append(
-            f"The effective sharpness λ_max(P⁻¹H), with P⁻¹ = diag(p), p = {sp.sstr(st.effective_step)}, "
+            "The effective sharpness λ_max(P⁻¹H), with P⁻¹ = diag(p), "
+            f"p = {sp.sstr(st.effective_step)}, "
             f"equilibrates at c = {sp.sstr(st.threshold)}"
             + (f" = {_fmt_num(st.threshold_value)}" if st.threshold.free_symbols else "")
             + (f" for {hyp}" if hyp else "")
@@ -112,13 +116,20 @@ def reading(spec: FlowSpec) -> str:
 
 def derive_report(spec: FlowSpec, console: Console) -> None:
     head = Text.assemble(
-        (spec.name, "bold cyan"), "  ", (spec.description or "", "italic"), "\n",
+        (spec.name, "bold cyan"),
+        "  ",
+        (spec.description or "", "italic"),
+        "\n",
         (f"{spec.path}  sha256 {spec.sha256[:12]}…", "dim"),
     )
     console.print(Panel(head, title="flowgen derive", expand=False))
 
-    rule = Table(title="Update rule (one step; g = ∇L(w), t = 1, 2, …)", show_header=False,
-                 box=None, title_justify="left")
+    rule = Table(
+        title="Update rule (one step; g = ∇L(w), t = 1, 2, …)",
+        show_header=False,
+        box=None,
+        title_justify="left",
+    )
     for st in spec.statements:
         rule.add_row(Text(st.target, style="bold"), "←", sp.sstr(st.expr))
     hyp = Table(title="Hyperparameters", box=None, title_justify="left")
@@ -137,38 +148,63 @@ def derive_report(spec: FlowSpec, console: Console) -> None:
         tab.add_column("init")
         tab.add_column("rate ds/dt (time convention: backward difference)")
         for s in spec.states:
-            tab.add_row(s.name, KIND_WORDS[s.kind], "scalar" if s.scalar else "per-coordinate",
-                        sp.sstr(s.init), sp.sstr(s.rate))
+            tab.add_row(
+                s.name,
+                KIND_WORDS[s.kind],
+                "scalar" if s.scalar else "per-coordinate",
+                sp.sstr(s.init),
+                sp.sstr(s.rate),
+            )
         console.print(tab)
 
     st = spec.stability
     if st is not None:
-        stab = Table(title="Stability (1-D curvature λ, slow states frozen)", show_header=False,
-                     title_justify="left")
+        stab = Table(
+            title="Stability (1-D curvature λ, slow states frozen)",
+            show_header=False,
+            title_justify="left",
+        )
         stab.add_column(style="bold")
         stab.add_column()
         stab.add_row("bifurcation", st.bifurcation)
-        stab.add_row("characteristic polynomial", sp.sstr(st.char_poly) +
-                     ("   (a = λ·p)" if st.effective_step is not None else ""))
+        stab.add_row(
+            "characteristic polynomial",
+            sp.sstr(st.char_poly) + ("   (a = λ·p)" if st.effective_step is not None else ""),
+        )
         stab.add_row("critical curvature λ*", sp.sstr(st.critical_curvature))
-        stab.add_row("effective step p", sp.sstr(st.effective_step) if st.effective_step is not None
-                     else "— (the update does not factor as −p·(linear form))")
+        stab.add_row(
+            "effective step p",
+            sp.sstr(st.effective_step)
+            if st.effective_step is not None
+            else "— (the update does not factor as −p·(linear form))",
+        )
         if st.threshold is not None:
-            stab.add_row("threshold c = λ*·p", f"{sp.sstr(st.threshold)}  =  "
-                         f"{_fmt_num(st.threshold_value)}")
+            stab.add_row(
+                "threshold c = λ*·p", f"{sp.sstr(st.threshold)}  =  {_fmt_num(st.threshold_value)}"
+            )
             stab.add_row("applies to", "λ_max(P⁻¹H), P⁻¹ = diag(p)   (the effective Hessian)")
         if st.note:
             stab.add_row("note", st.note)
         console.print(stab)
 
     if spec.has_central:
-        eqs = [Text("Central flow (second-order average; Eg = E[g] = ∇L + ½∇⟨H,Σ⟩, "
-                    "Vg = Var[g] = diag(HΣH)):", style="bold")]
+        eqs = [
+            Text(
+                "Central flow (second-order average; Eg = E[g] = ∇L + ½∇⟨H,Σ⟩, "
+                "Vg = Var[g] = diag(HΣH)):",
+                style="bold",
+            )
+        ]
         eqs.append(Text(f"dw/dt = {sp.sstr(spec.w_drift)}"))
         for s in spec.states:
             eqs.append(Text(f"d{s.name}/dt = {sp.sstr(s.drift)}"))
-        eqs.append(Text("Σ = U X Uᵀ on the critical eigenvectors U of P⁻¹H, with X ⪰ 0, "
-                        "c·P − H ⪰ 0 and ⟨X, Uᵀ(cP − H)U⟩ = 0.", style="dim"))
+        eqs.append(
+            Text(
+                "Σ = U X Uᵀ on the critical eigenvectors U of P⁻¹H, with X ⪰ 0, "
+                "c·P − H ⪰ 0 and ⟨X, Uᵀ(cP − H)U⟩ = 0.",
+                style="dim",
+            )
+        )
         console.print(Panel(Group(*eqs), title="Drift", expand=False))
     console.print(Panel(reading(spec), title="Reading", expand=False))
 
@@ -187,6 +223,8 @@ def derive_latex(spec: FlowSpec) -> str:
         lines.append(r"\frac{dw}{dt} = " + sp.latex(spec.w_drift))
         for s in spec.states:
             lines.append(rf"\frac{{d{s.name}}}{{dt}} = " + sp.latex(s.drift))
-        lines.append(r"\text{with } E_g = \nabla L + \tfrac12 \nabla\langle H, \Sigma\rangle,\ "
-                     r"V_g = \operatorname{diag}(H \Sigma H)")
+        lines.append(
+            r"\text{with } E_g = \nabla L + \tfrac12 \nabla\langle H, \Sigma\rangle,\ "
+            r"V_g = \operatorname{diag}(H \Sigma H)"
+        )
     return "\n".join(lines)

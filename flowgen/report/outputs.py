@@ -87,8 +87,9 @@ def run_summary(res, out: Path, console) -> None:
 
     s = res.series
     last = int(np.nanmax(s["step"]))
-    tab = Table(title=f"flowgen run: {res.optimizer} on {res.problem} ({last} steps)",
-                title_justify="left")
+    tab = Table(
+        title=f"flowgen run: {res.optimizer} on {res.problem} ({last} steps)", title_justify="left"
+    )
     tab.add_column("")
     tab.add_column("discrete", justify="right")
     tab.add_column("stable flow", justify="right")
@@ -103,15 +104,21 @@ def run_summary(res, out: Path, console) -> None:
 
     tab.add_row("final loss", f(lastf("loss_discrete")), f(lastf("loss_stable")))
     tab.add_row("final grad norm", f(lastf("grad_norm_discrete")), f(lastf("grad_norm_stable")))
-    tab.add_row("final eff. sharpness", f(lastf("sharpness_discrete")), f(lastf("sharpness_stable")))
-    tab.add_row("max eff. sharpness", f(np.nanmax(s["sharpness_discrete"])),
-                f(np.nanmax(s["sharpness_stable"])))
+    tab.add_row(
+        "final eff. sharpness", f(lastf("sharpness_discrete")), f(lastf("sharpness_stable"))
+    )
+    tab.add_row(
+        "max eff. sharpness",
+        f(np.nanmax(s["sharpness_discrete"])),
+        f(np.nanmax(s["sharpness_stable"])),
+    )
     console.print(tab)
     d, trav = lastf("distance"), lastf("distance_travelled")
     rel = d / trav if d is not None and trav else None
     thr = "—" if res.threshold is None else f"{res.threshold:g}"
     console.print(
-        f"threshold c = {thr};  ‖discrete − stable‖ = {f(d)} ({f(rel)} of the distance travelled);  "
+        f"threshold c = {thr};  ‖discrete − stable‖ = {f(d)} "
+        f"({f(rel)} of the distance travelled);  "
         f"time: discrete {res.timings.get('discrete_s', 0):.1f}s, stable flow "
         f"{res.timings.get('stable_s', 0):.1f}s, sharpness {res.timings.get('sharpness_s', 0):.1f}s"
     )
@@ -142,16 +149,25 @@ def plot_validation(res, path: Path) -> Path:
     ax = axes[0, 0]
     ax.plot(x, s["loss_discrete"], color="C0", lw=0.6, alpha=0.6, label="discrete")
     ax.plot(x, s["loss_discrete_window"], color="C0", lw=1.5, label="discrete, 21-step mean")
-    ax.plot(x, s["loss_pred"], color="C3", lw=1.5, ls="--", label=r"central: $L(\bar w)+\frac{1}{2}\langle H,\Sigma\rangle$")
+    ax.plot(
+        x,
+        s["loss_pred"],
+        color="C3",
+        lw=1.5,
+        ls="--",
+        label=r"central: $L(\bar w)+\frac{1}{2}\langle H,\Sigma\rangle$",
+    )
     ax.plot(x, s["loss_central"], color="C3", lw=0.8, ls=":", label=r"central: $L(\bar w)$")
     ax.plot(x, s["loss_stable"], color="C2", lw=1.2, ls="-.", label="stable flow")
     ax.set_yscale("log")
     ax.set_title("loss")
     ax.legend(fontsize=8)
     ax = axes[0, 1]
-    for key, col, lab, lw in (("sharpness_discrete", "C0", "discrete", 0.7),
-                              ("sharpness_central", "C3", "central", 1.5),
-                              ("sharpness_stable", "C2", "stable", 1.2)):
+    for key, col, lab, lw in (
+        ("sharpness_discrete", "C0", "discrete", 0.7),
+        ("sharpness_central", "C3", "central", 1.5),
+        ("sharpness_stable", "C2", "stable", 1.2),
+    ):
         m = np.isfinite(s[key])
         ax.plot(x[m], s[key][m], color=col, lw=lw, label=lab)
     ax.axhline(c, color="k", ls=":", label=f"threshold c = {c:g}")
@@ -172,8 +188,17 @@ def plot_validation(res, path: Path) -> Path:
     ax = axes[1, 1]
     from flowgen.runtime.validate import centred_window
 
-    ax.plot(x, s["sigma_meas"], color="C0", lw=0.5, alpha=0.5, label=r"measured $\langle \delta, u_1\rangle_P^2$")
-    ax.plot(x, centred_window(s["sigma_meas"], 21), color="C0", lw=1.5, label="measured, 21-step mean")
+    ax.plot(
+        x,
+        s["sigma_meas"],
+        color="C0",
+        lw=0.5,
+        alpha=0.5,
+        label=r"measured $\langle \delta, u_1\rangle_P^2$",
+    )
+    ax.plot(
+        x, centred_window(s["sigma_meas"], 21), color="C0", lw=1.5, label="measured, 21-step mean"
+    )
     ax.plot(x, s["sigma_pred"], color="C3", lw=1.5, ls="--", label=r"central flow $X_{11}$")
     ax.set_title(r"oscillation along the top critical direction ($\Sigma$)")
     ax.set_xlabel("step")
@@ -199,14 +224,26 @@ def validation_summary(res, out: Path, console) -> None:
     tab.add_column("criterion")
     tab.add_row("threshold c", f"{res.threshold:g}", "λ_max(P⁻¹H) equilibrates here")
     tab.add_row("edge of stability reached at step", str(res.eos_start), "sharpness ≥ 0.95·c")
-    tab.add_row("flows start at step", str(res.start),
-                "restart" if res.restart_at is not None else "common start")
-    tab.add_row("central distance / travelled", f"{sm['central_distance_rel']:.4f}",
-                f"≤ {sm['criteria']['central_distance_rel_max']}")
-    tab.add_row("stable distance / travelled", f"{sm['stable_distance_rel']:.4f}",
-                f"≥ {sm['criteria']['stable_over_central_min']} × central")
-    tab.add_row("loss prediction rel. error", f"{sm['loss_pred_rel_err']:.4f}",
-                f"≤ {sm['criteria']['loss_pred_rel_err_max']}")
+    tab.add_row(
+        "flows start at step",
+        str(res.start),
+        "restart" if res.restart_at is not None else "common start",
+    )
+    tab.add_row(
+        "central distance / travelled",
+        f"{sm['central_distance_rel']:.4f}",
+        f"≤ {sm['criteria']['central_distance_rel_max']}",
+    )
+    tab.add_row(
+        "stable distance / travelled",
+        f"{sm['stable_distance_rel']:.4f}",
+        f"≥ {sm['criteria']['stable_over_central_min']} × central",
+    )
+    tab.add_row(
+        "loss prediction rel. error",
+        f"{sm['loss_pred_rel_err']:.4f}",
+        f"≤ {sm['criteria']['loss_pred_rel_err_max']}",
+    )
     tab.add_row("sharpness rel. error (median)", f"{sm['sharpness_rel_err']:.4f}", "")
     tab.add_row("stable flow max sharpness", f"{sm['stable_sharpness_max']:.4g}", "")
     colour = {"pass": "green", "fail": "red", "no-eos": "yellow"}[sm["verdict"]]
@@ -216,7 +253,8 @@ def validation_summary(res, out: Path, console) -> None:
     split = t.get("central_split", {})
     tot = sum(split.values()) or 1.0
     console.print(
-        f"time: discrete {t.get('discrete_s', 0):.1f}s (+ sharpness {t.get('discrete_sharpness_s', 0):.1f}s), "
+        f"time: discrete {t.get('discrete_s', 0):.1f}s "
+        f"(+ sharpness {t.get('discrete_sharpness_s', 0):.1f}s), "
         f"central {t.get('central_s', 0):.1f}s ({t.get('central_per_step_s', 0):.3f}s/step: "
         + ", ".join(f"{k} {100 * v / tot:.0f}%" for k, v in split.items())
         + f"), stable {t.get('stable_s', 0):.1f}s"

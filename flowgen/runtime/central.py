@@ -54,7 +54,9 @@ class CentralConfig:
     k_max: int = 12  # at most this many tracked eigenvalues
     eig_tol: float = 1e-5  # eigensolver residual tolerance, relative to lambda_max
     freeze_w: bool = False  # relax the states and Sigma with w-bar frozen (stationary analysis)
-    moment_form: str = "consistent"  # "talk": state rates read Eg = grad L (drops grad L * grad<H,S>)
+    moment_form: str = (
+        "consistent"  # "talk": state rates read Eg = grad L (drops grad L * grad<H,S>)
+    )
 
 
 @dataclass
@@ -85,8 +87,15 @@ class CentralFlow:
 
     label = "central"
 
-    def __init__(self, opt: Optimizer, problem: Problem, w0, state0=None, t0: int = 0,
-                 config: CentralConfig = CentralConfig()):
+    def __init__(
+        self,
+        opt: Optimizer,
+        problem: Problem,
+        w0,
+        state0=None,
+        t0: int = 0,
+        config: CentralConfig = CentralConfig(),
+    ):
         if not opt.spec.has_central:
             raise SimulationError(f"{opt.name} has no central flow: {opt.spec.central_reason}")
         if not opt.has_precond or opt.threshold is None:
@@ -117,7 +126,9 @@ class CentralFlow:
         freeze_w = config.freeze_w
         talk = config.moment_form == "talk"
         if config.moment_form not in ("consistent", "talk"):
-            raise ValueError(f"moment_form must be 'consistent' or 'talk', got {config.moment_form!r}")
+            raise ValueError(
+                f"moment_form must be 'consistent' or 'talk', got {config.moment_form!r}"
+            )
 
         def advance(w, s, t, Eg, Vg, g0):
             _, ds = opt.drift(w, s, g0 if talk else Eg, Vg, t)
@@ -169,8 +180,16 @@ class CentralFlow:
         tic = time.perf_counter()
         mv = eigen.sym_eff_hessian_matvec(self.problem.loss, w, p)
         self._key, sub = jax.random.split(self._key)
-        self.eig = eigen.track_top(mv, self.n, self.eig, threshold=self.c, frac=self.cfg.track_frac,
-                                   k_max=self.cfg.k_max, tol=self.cfg.eig_tol, key=sub)
+        self.eig = eigen.track_top(
+            mv,
+            self.n,
+            self.eig,
+            threshold=self.c,
+            frac=self.cfg.track_frac,
+            k_max=self.cfg.k_max,
+            tol=self.cfg.eig_tol,
+            key=sub,
+        )
         self.timings["eigensolver"] += time.perf_counter() - tic
         return np.asarray(self.eig.vals), self.eig.vecs
 
@@ -210,7 +229,8 @@ class CentralFlow:
             self.timings["rates"] += time.perf_counter() - tic
             if not (np.all(np.isfinite(A0)) and np.all(np.isfinite(B))):
                 raise SimulationError(
-                    f"central flow: the linearised stability constraint is not finite at t={self.t:.3f}"
+                    "central flow: the linearised stability constraint is not finite at "
+                    f"t={self.t:.3f}"
                     f" (k={k} critical directions)",
                     hint="a rate or the preconditioner is singular here (e.g. a division by a "
                     "vanishing state without eps)",
@@ -219,8 +239,9 @@ class CentralFlow:
             try:
                 res = solve_sdcp(A0, B)
             except SimulationError as err:
-                raise SimulationError(f"central flow at t={self.t:.3f}: {err.message}",
-                                      hint=err.hint) from None
+                raise SimulationError(
+                    f"central flow at t={self.t:.3f}: {err.message}", hint=err.hint
+                ) from None
             self.timings["sdcp"] += time.perf_counter() - tic
             X = res.X
             tic = time.perf_counter()
@@ -260,8 +281,16 @@ class CentralFlow:
                 Xs.append(np.asarray(X))
         stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
         return CentralChunk(
-            w=jnp.stack(ws), states=stacked, loss=np.array(rec["loss"]),
-            loss_pred=np.array(rec["loss_pred"]), grad_norm_pred=np.array(rec["gnp"]),
-            grad_norm=np.array(rec["gn"]), sharpness=np.array(rec["sharp"]),
-            n_crit=np.array(rec["ncrit"]), X_eigs=Xe, Q_crit=Qc, p=ps, X=Xs,
+            w=jnp.stack(ws),
+            states=stacked,
+            loss=np.array(rec["loss"]),
+            loss_pred=np.array(rec["loss_pred"]),
+            grad_norm_pred=np.array(rec["gnp"]),
+            grad_norm=np.array(rec["gn"]),
+            sharpness=np.array(rec["sharp"]),
+            n_crit=np.array(rec["ncrit"]),
+            X_eigs=Xe,
+            Q_crit=Qc,
+            p=ps,
+            X=Xs,
         )

@@ -53,8 +53,10 @@ class RunResult:
             "config": asdict(self.config),
             "timings": self.timings,
             "info": self.info,
-            "series": {k: [None if not np.isfinite(x) else float(x) for x in v]
-                       for k, v in self.series.items()},
+            "series": {
+                k: [None if not np.isfinite(x) else float(x) for x in v]
+                for k, v in self.series.items()
+            },
         }
 
 
@@ -76,13 +78,26 @@ def run_stable(
     t_disc = t_flow = t_eig = 0.0
     if start:
         disc.advance(start)
-    stable = StableFlow(opt, problem, disc.w, disc.state, disc.t, rtol=config.rtol, atol=config.atol)
+    stable = StableFlow(
+        opt, problem, disc.w, disc.state, disc.t, rtol=config.rtol, atol=config.atol
+    )
     meters = {"discrete": SharpnessMeter(opt, problem), "stable": SharpnessMeter(opt, problem)}
     w_start = disc.w
     T = n_steps + 1
-    series = {k: np.full(T, np.nan) for k in (
-        "step", "loss_discrete", "loss_stable", "grad_norm_discrete", "grad_norm_stable",
-        "sharpness_discrete", "sharpness_stable", "distance", "distance_travelled")}
+    series = {
+        k: np.full(T, np.nan)
+        for k in (
+            "step",
+            "loss_discrete",
+            "loss_stable",
+            "grad_norm_discrete",
+            "grad_norm_stable",
+            "sharpness_discrete",
+            "sharpness_stable",
+            "distance",
+            "distance_travelled",
+        )
+    }
     series["step"] = np.arange(T, dtype=float)
     L0 = float(problem.loss(problem.w0))
     series["loss_discrete"][0] = L0
@@ -123,9 +138,16 @@ def run_stable(
         threshold=opt.threshold,
         config=config,
         series=series,
-        timings={"discrete_s": t_disc, "stable_s": t_flow, "sharpness_s": t_eig,
-                 "stable_solver_steps": stable.n_steps},
+        timings={
+            "discrete_s": t_disc,
+            "stable_s": t_flow,
+            "sharpness_s": t_eig,
+            "stable_solver_steps": stable.n_steps,
+        },
         w_final={"discrete": np.asarray(disc.w), "stable": np.asarray(stable.w)},
-        info={"start_step": start, "n_params": int(problem.w0.shape[0]),
-              "stable_solver": stable.solver_name},
+        info={
+            "start_step": start,
+            "n_params": int(problem.w0.shape[0]),
+            "stable_solver": stable.solver_name,
+        },
     )

@@ -145,7 +145,6 @@ def validate(
     disc = DiscreteProcess(opt, problem, problem.w0)
     W = np.zeros((N + 1, problem.n))
     W[0] = np.asarray(problem.w0)
-    states = [disc.state]
     loss_d = np.full(N + 1, np.nan)
     gn_d = np.full(N + 1, np.nan)
     loss_d[0] = float(problem.loss(problem.w0))
@@ -208,10 +207,24 @@ def validate(
     stable = StableFlow(opt, problem, w0, s0, start)
     smeter = SharpnessMeter(opt, problem)
     nan = lambda: np.full(N + 1, np.nan)  # noqa: E731
-    ser = {k: nan() for k in (
-        "loss_central", "loss_pred", "loss_stable", "sharpness_central", "sharpness_stable",
-        "distance_central", "distance_stable", "n_crit", "grad_norm_pred", "grad_norm_stable",
-        "sigma_pred", "sigma_meas", "X_trace")}
+    ser = {
+        k: nan()
+        for k in (
+            "loss_central",
+            "loss_pred",
+            "loss_stable",
+            "sharpness_central",
+            "sharpness_stable",
+            "distance_central",
+            "distance_stable",
+            "n_crit",
+            "grad_norm_pred",
+            "grad_norm_stable",
+            "sigma_pred",
+            "sigma_meas",
+            "X_trace",
+        )
+    }
     t_c = t_s = 0.0
     t = start
     while t < N:
@@ -254,8 +267,12 @@ def validate(
     # the final central iterate at N
     ser["distance_central"][N] = float(np.linalg.norm(W[N] - np.asarray(central.w)))
     ser["distance_central"][start] = ser["distance_stable"][start] = 0.0
-    timings.update(central_s=t_c, stable_s=t_s, central_split=dict(central.timings),
-                   central_per_step_s=t_c / max(N - start, 1))
+    timings.update(
+        central_s=t_c,
+        stable_s=t_s,
+        central_split=dict(central.timings),
+        central_per_step_s=t_c / max(N - start, 1),
+    )
 
     travelled = np.linalg.norm(W - W[start], axis=1)
     series = {
@@ -269,8 +286,15 @@ def validate(
     }
     summary = summarise(series, c, N, start, eos_start, restart, config)
     return ValidationResult(
-        optimizer=opt.name, problem=problem.name, threshold=float(c), config=config,
-        eos_start=eos_start, restart_at=restart, start=start, summary=summary, series=series,
+        optimizer=opt.name,
+        problem=problem.name,
+        threshold=float(c),
+        config=config,
+        eos_start=eos_start,
+        restart_at=restart,
+        start=start,
+        summary=summary,
+        series=series,
         timings=timings,
     )
 
@@ -283,13 +307,19 @@ def summarise(series, c, N, start, eos_start, restart, config) -> dict:
     sel = np.arange(N + 1) >= from_step
     win = series["loss_discrete_window"]
     ok = sel & np.isfinite(win) & np.isfinite(series["loss_pred"])
-    loss_err = float(np.mean(np.abs(win[ok] - series["loss_pred"][ok]) / win[ok])) if ok.any() \
+    loss_err = (
+        float(np.mean(np.abs(win[ok] - series["loss_pred"][ok]) / win[ok]))
+        if ok.any()
         else float("nan")
+    )
     sw = centred_window(interp_nan(series["sharpness_discrete"]), config.window)
     ok2 = sel & np.isfinite(sw)
     sharp_err = float(np.median(np.abs(sw[ok2] - c) / c)) if ok2.any() else float("nan")
-    st_max = float(np.nanmax(series["sharpness_stable"])) if np.isfinite(
-        series["sharpness_stable"]).any() else float("nan")
+    st_max = (
+        float(np.nanmax(series["sharpness_stable"]))
+        if np.isfinite(series["sharpness_stable"]).any()
+        else float("nan")
+    )
     if eos_start is None:
         verdict = "no-eos"
     elif cd <= PASS_CENTRAL and sd >= PASS_RATIO * cd and loss_err <= PASS_LOSS:
@@ -304,6 +334,9 @@ def summarise(series, c, N, start, eos_start, restart, config) -> dict:
         "stable_sharpness_max": st_max,
         "steps_compared": int(ok.sum()),
         "verdict": verdict,
-        "criteria": {"central_distance_rel_max": PASS_CENTRAL, "stable_over_central_min": PASS_RATIO,
-                     "loss_pred_rel_err_max": PASS_LOSS},
+        "criteria": {
+            "central_distance_rel_max": PASS_CENTRAL,
+            "stable_over_central_min": PASS_RATIO,
+            "loss_pred_rel_err_max": PASS_LOSS,
+        },
     }

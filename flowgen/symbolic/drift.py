@@ -18,7 +18,7 @@ from __future__ import annotations
 import sympy as sp
 
 from flowgen.symbolic.classify import FAST
-from flowgen.symbolic.model import NONSMOOTH, REDUCTION_CLASSES, G, StepModel, Eg, Vg, simp, tidy
+from flowgen.symbolic.model import NONSMOOTH, REDUCTION_CLASSES, Eg, G, StepModel, Vg, simp, tidy
 
 EPS = sp.Symbol("epsilon")
 
@@ -33,13 +33,22 @@ def nonsmooth_check(model: StepModel, classes: dict[str, str]) -> None:
     for st in model.statements:
         for fn in st.value.atoms(*NONSMOOTH):
             if any(a.free_symbols & osc for a in fn.args) or fn.free_symbols & osc:
-                what = "the update of `w`" if st.target == "w" else (
-                    f"the update of `{st.target}`" if st.role == "state" else f"the local `{st.target}`"
+                what = (
+                    "the update of `w`"
+                    if st.target == "w"
+                    else (
+                        f"the update of `{st.target}`"
+                        if st.role == "state"
+                        else f"the local `{st.target}`"
+                    )
                 )
                 name = {sp.sign: "sign", sp.Abs: "abs", sp.Min: "min", sp.Max: "max"}[fn.func]
-                shown = sp.sstr(model.to_current(fn)).replace("Abs(", "abs(").replace(
-                    "Min(", "min("
-                ).replace("Max(", "max(")
+                shown = (
+                    sp.sstr(model.to_current(fn))
+                    .replace("Abs(", "abs(")
+                    .replace("Min(", "min(")
+                    .replace("Max(", "max(")
+                )
                 raise model.error(
                     f"{what} uses {shown}, which has no second-order expansion at 0"
                     if name in ("sign", "abs")
@@ -75,9 +84,7 @@ def average(model: StepModel, rate: sp.Expr, kappa_step: dict[str, sp.Expr], who
     # reductions of oscillating quantities must enter linearly and not multiply oscillation
     for r in osc_reds:
         R = placeholders[r]
-        bad = sp.diff(body, R, 2) != 0 or any(
-            simp(sp.diff(body, R, x)) != 0 for x in osc_syms
-        )
+        bad = sp.diff(body, R, 2) != 0 or any(simp(sp.diff(body, R, x)) != 0 for x in osc_syms)
         if bad:
             raise model.error(
                 f"the rate of `{who}` is nonlinear in {r}, a reduction of an oscillating "
@@ -96,6 +103,3 @@ def average(model: StepModel, rate: sp.Expr, kappa_step: dict[str, sp.Expr], who
     corr = sp.Rational(1, 2) * Vg * second(body).xreplace({G: Eg})
     out = (first + corr).xreplace(mean_reds)
     return tidy(out)
-
-
-

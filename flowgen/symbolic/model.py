@@ -122,7 +122,9 @@ class StepModel:
             return self.hyper[name]
         return {"g": G, "w": W, "t": T}.get(name) or sp.Symbol(name, real=True)
 
-    def error(self, message: str, node: ast.Node | None, hint: str | None = None) -> DerivationError:
+    def error(
+        self, message: str, node: ast.Node | None, hint: str | None = None
+    ) -> DerivationError:
         loc = None
         if node is not None and node.line:
             loc = location_in(self.program.path, self.program.source, node.line, node.column)

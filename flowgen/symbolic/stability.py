@@ -31,7 +31,17 @@ import numpy as np
 import sympy as sp
 
 from flowgen.symbolic.classify import FAST, strip_reductions
-from flowgen.symbolic.model import REDUCTION_CLASSES, G, StepModel, T, W, new_symbol, simp, tidy, tidy_signs
+from flowgen.symbolic.model import (
+    REDUCTION_CLASSES,
+    G,
+    StepModel,
+    T,
+    W,
+    new_symbol,
+    simp,
+    tidy,
+    tidy_signs,
+)
 
 # Dummy symbols: never equal to a user's name (a hyperparameter may be called `lambda`)
 LAM = sp.Dummy("lambda", positive=True)  # curvature of the eigendirection
