@@ -98,6 +98,13 @@ def cmd_codegen(args) -> int:
     return 0
 
 
+def _check_counts(args) -> None:
+    for name in ("steps", "chunk", "eig_every", "substeps"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+
+
 def _problem(args):
     from flowgen.runtime.problems import get_problem, parse_problem_options
 
@@ -131,6 +138,7 @@ def cmd_run(args) -> int:
     from flowgen.report.outputs import run_summary, write_run
     from flowgen.runtime.run import RunConfig, run_stable
 
+    _check_counts(args)
     of = load(args.file)
     sets = parse_sets(args.set)
     opt = of.optimizer(**sets)
@@ -153,6 +161,7 @@ def cmd_validate(args) -> int:
     from flowgen.runtime.central import CentralConfig
     from flowgen.runtime.validate import ValidateConfig, validate
 
+    _check_counts(args)
     of = load(args.file)
     opt = of.optimizer(**parse_sets(args.set))
     problem = _problem(args)

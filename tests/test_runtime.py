@@ -195,3 +195,36 @@ def test_api_mirrors_cli():
     assert "def step(" in of.codegen()
     res = of.run("quadratic", steps=20, lr=0.01, eig_every=10)
     assert res.series["loss_discrete"][20] < res.series["loss_discrete"][0]
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["validate", "gd.opt", "--substeps", "0"], "--substeps must be a positive integer"),
+        (["run", "gd.opt", "--steps", "-3"], "--steps must be a positive integer"),
+        (["run", "gd.opt", "--set", "lr=abc"], "`abc` is not a number"),
+        (["validate", "gd.opt", "--set", "lrr=1"], "has no hyperparameter `lrr`"),
+        (
+            ["validate", "gd.opt", "--problem", "quadratic", "--steps", "20", "--restart-at", "x"],
+            "--restart-at expects a step number or `auto`",
+        ),
+        (
+            ["validate", "gd.opt", "--problem", "quadratic", "--steps", "20", "--restart-at", "30"],
+            "at or after the last step",
+        ),
+        (["run", "gd.opt", "--problem", "nosuchbuiltin"], "nosuchbuiltin"),
+    ],
+)
+def test_cli_usage_errors(argv, fragment, capsys):
+    argv = [str(OPT / a) if a.endswith(".opt") else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_signum_runs_discrete_but_has_no_central_flow():
+    of = flowgen.load(OPT / "signum.opt")
+    res = of.run("quadratic", steps=10, lr=1e-3, eig_every=5)
+    assert res.threshold is None and np.isfinite(res.series["loss_discrete"][10])
+    with pytest.raises(SimulationError, match="no central flow"):
+        CentralFlow(of.optimizer(), get_problem("quadratic"), get_problem("quadratic").w0)
