@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from flowgen.flow.spec import FlowSpec
+from flowgen.symbolic.model import tidy_signs
 
 KIND_WORDS = {
     "fast": "fast — responds linearly to g; oscillates with the iterate",
@@ -35,14 +36,12 @@ def quasi_static(spec: FlowSpec) -> list[tuple[str, sp.Expr, sp.Expr]]:
         if s.drift is None or s.kind == "counter":
             continue
         x = sp.Symbol(s.name, real=True)
-        d = sp.expand(s.drift)
-        rate = -sp.diff(d, x)
-        if rate == 0 or sp.diff(d, x, 2) != 0:
+        slope = sp.diff(s.drift, x)
+        if slope == 0 or sp.diff(slope, x) != 0:
             continue
-        fixed = sp.simplify(sp.solve(sp.Eq(d, 0), x)[0]) if sp.solve(sp.Eq(d, 0), x) else None
-        if fixed is None:
-            continue
-        out.append((s.name, sp.simplify(1 / rate), fixed))
+        rate = sp.cancel(-slope)
+        fixed = sp.cancel(s.drift.subs(x, 0) / rate)
+        out.append((s.name, tidy_signs(sp.factor(1 / rate)), fixed))
     return out
 
 

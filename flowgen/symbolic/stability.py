@@ -229,7 +229,7 @@ def _schur_cohn_ns(chi: sp.Poly) -> sp.Expr:
 def analyse(model: StepModel, classes: dict[str, str]) -> Stability:
     lm = linear_map(model, classes)
     n = lm.J.shape[0]
-    chi = sp.factor(simp((MU * sp.eye(n) - lm.J).det()))
+    chi = simp((MU * sp.eye(n) - lm.J).det(method="berkowitz"))
     vals = sample_values(model)
     Jsample = _numeric(lm.J, vals)
     if any(e.has(sp.zoo, sp.nan, sp.oo) for e in Jsample):
