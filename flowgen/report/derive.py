@@ -208,20 +208,33 @@ def derive_report(spec: FlowSpec, console: Console) -> None:
     console.print(Panel(reading(spec), title="Reading", expand=False))
 
 
+LATEX_NAMES = {
+    "lr": r"\eta",
+    "eps": r"\epsilon",
+    "Eg": r"\mathbb{E}[g]",
+    "Vg": r"\operatorname{Var}[g]",
+}
+
+
+def latex(e: sp.Expr) -> str:
+    names = {s: LATEX_NAMES[s.name] for s in e.free_symbols if s.name in LATEX_NAMES}
+    return sp.latex(e, symbol_names=names)
+
+
 def derive_latex(spec: FlowSpec) -> str:
     lines = [f"% flowgen derive {spec.path} (sha256 {spec.sha256[:12]})"]
     st = spec.stability
     if st is not None:
         if st.effective_step is not None:
-            lines.append(r"p = " + sp.latex(st.effective_step))
+            lines.append(r"p = " + latex(st.effective_step))
         if st.critical_curvature is not None:
-            lines.append(r"\lambda^\star = " + sp.latex(st.critical_curvature))
+            lines.append(r"\lambda^\star = " + latex(st.critical_curvature))
         if st.threshold is not None:
-            lines.append(r"\lambda_{\max}(P^{-1}H) \le c = " + sp.latex(st.threshold))
+            lines.append(r"\lambda_{\max}(P^{-1}H) \le c = " + latex(st.threshold))
     if spec.has_central:
-        lines.append(r"\frac{dw}{dt} = " + sp.latex(spec.w_drift))
+        lines.append(r"\frac{dw}{dt} = " + latex(spec.w_drift))
         for s in spec.states:
-            lines.append(rf"\frac{{d{s.name}}}{{dt}} = " + sp.latex(s.drift))
+            lines.append(rf"\frac{{d{s.name}}}{{dt}} = " + latex(s.drift))
         lines.append(
             r"\text{with } E_g = \nabla L + \tfrac12 \nabla\langle H, \Sigma\rangle,\ "
             r"V_g = \operatorname{diag}(H \Sigma H)"
