@@ -6,6 +6,7 @@
 >>> print(opt.codegen())                     # the generated JAX module
 >>> res = opt.run("digits-mlp", steps=200, lr=3e-3)   # discrete + stable flow
 >>> val = opt.validate("digits-mlp", steps=1000, restart_at="auto", lr=3e-3, beta2=0.99)
+>>> ex = flowgen.load("optimizers/rmsprop.opt").explain("digits-mlp", steps=600, lr=3e-4)
 """
 
 from __future__ import annotations
@@ -101,6 +102,45 @@ class OptFile:
             from flowgen.report.outputs import write_validation
 
             write_validation(res, Path(out), opt=opt)
+        return res
+
+    def explain(
+        self,
+        problem="digits-mlp",
+        steps: int = 600,
+        *,
+        restart_at=None,
+        problem_options=None,
+        substeps: int = 4,
+        default_form: bool = True,
+        progress=None,
+        out=None,
+        **hyper: float,
+    ):
+        """Interpret the flow at step ``steps`` (``flowgen explain``): threshold, critical
+        directions, implicit curvature penalty, the stationary preconditioner by relaxation
+        and (RMSProp family) by SDP, compared with each other and with the discrete run.
+
+        Returns an ``Explanation``; with ``out`` also writes report.json, explain.npz and
+        the PNG figures there.
+        """
+        from flowgen.runtime.problems import Problem, get_problem
+        from flowgen.runtime.stationary import ExplainConfig, explain
+
+        prob = (
+            problem
+            if isinstance(problem, Problem)
+            else get_problem(problem, **(problem_options or {}))
+        )
+        opt = self.optimizer(**hyper)
+        cfg = ExplainConfig(
+            steps=steps, restart_at=restart_at, substeps=substeps, default_form=default_form
+        )
+        res = explain(opt, prob, cfg, progress=progress)
+        if out is not None:
+            from flowgen.report.explain import write_explain
+
+            write_explain(res, Path(out), opt=opt)
         return res
 
 

@@ -199,6 +199,47 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from flowgen.api import load
+    from flowgen.report.explain import explain_report, write_explain
+    from flowgen.runtime.stationary import ExplainConfig, explain
+
+    of = load(args.file)
+    opt = of.optimizer(**parse_sets(args.set))
+    problem = _problem(args)
+    restart = args.restart_at
+    if restart is not None:
+        try:
+            restart = int(restart)
+        except ValueError:
+            raise UsageError(f"--restart-at expects a step number, got `{restart}`") from None
+    cfg = ExplainConfig(
+        steps=args.steps,
+        restart_at=restart,
+        substeps=args.substeps,
+        eig_every=args.eig_every or 5,
+        chunk=args.chunk,
+        relax_tol=args.relax_tol,
+        default_form=not args.no_default_form,
+        sdp_k=args.sdp_k,
+    )
+    tic = time.perf_counter()
+    with _progress(f"{opt.name} on {problem.name}") as prog:
+        tasks = {}
+
+        def cb(phase, t, n):
+            if phase not in tasks:
+                tasks[phase] = prog.add_task(phase, total=n)
+            prog.update(tasks[phase], completed=t, description=phase)
+
+        res = explain(opt, problem, cfg, progress=cb)
+    res.timings["wall_s"] = time.perf_counter() - tic
+    out = Path(args.out or f"runs/explain-{opt.name}-{problem.name}")
+    write_explain(res, out, opt=opt, command=sys.argv)
+    explain_report(res, out, _console())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="flowgen",
@@ -275,6 +316,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--substeps", type=int, default=4, help="Euler substeps per step")
     p.add_argument("--strict", action="store_true", help="exit 1 unless the verdict is pass")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "explain",
+        help="interpret the flow at a step: threshold, critical "
+        "directions, implicit penalty, stationary preconditioner (relaxation, SDP)",
+    )
+    p.add_argument("file")
+    with_set(p)
+    with_problem(p)
+    p.add_argument(
+        "--restart-at",
+        metavar="T",
+        help="start the central flow from the discrete iterate at step T (default: the "
+        "common start)",
+    )
+    p.add_argument("--substeps", type=int, default=4, help="Euler substeps per step (the run)")
+    p.add_argument(
+        "--relax-tol",
+        type=float,
+        default=1e-7,
+        help="relaxation stops when the state changes by less than this per unit time",
+    )
+    p.add_argument(
+        "--no-default-form",
+        action="store_true",
+        help="skip the second relaxation with the derivation's default ν-rate",
+    )
+    p.add_argument(
+        "--sdp-k", type=int, default=12, help="LMI size of the SDP (eigenpairs per model)"
+    )
+    p.set_defaults(func=cmd_explain)
 
     return ap
 

@@ -1,0 +1,375 @@
+"""The ``flowgen explain`` report: what the flow says about the optimizer at one
+point of a run, in plain words and numbers, with figures and ``report.json``.
+
+Figures (in ``--out``):
+
+* ``stationary_preconditioner.png`` — optimizers with a slow preconditioner
+  state: left, the stationary ``P*`` against the discrete run's actual ``P``
+  (the talk's "true and predicted coordinates of ν"; log-log, one dot per
+  coordinate); right, the two computations of ``P*`` (relaxation against SDP)
+  against each other;
+* ``harmonic_mean.png`` — the harmonic mean of the effective step sizes
+  ``n / Σ 1/p_i`` along the run, discrete and central flow (the talk's
+  "acceleration via regularization"), with the stationary value at the end,
+  and the effective sharpness against the threshold.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from flowgen.report.outputs import _plt, provenance
+
+PAIR_WORDS = {
+    "relax_talk_vs_sdp": "relaxation (talk's ν-rate) vs SDP",
+    "relax_default_vs_talk": "relaxation, default ν-rate vs talk's",
+    "discrete_vs_sdp": "discrete run's actual P vs P* (SDP)",
+    "central_vs_sdp": "central flow's P at N vs P* (SDP)",
+    "discrete_vs_relax_talk": "discrete run's actual P vs P* (relaxation)",
+    "central_vs_relax_talk": "central flow's P at N vs P* (relaxation)",
+}
+
+
+def _f(x, fmt=".4g") -> str:
+    if x is None:
+        return "—"
+    try:
+        if not np.isfinite(x):
+            return "—"
+    except TypeError:
+        return str(x)
+    return format(x, fmt)
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+# --------------------------------------------------------------------------- text
+
+
+def explain_text(res) -> list[tuple[str, str]]:
+    """The report as ``(heading, paragraph)`` pairs of plain text (also used by tests)."""
+    pt, pc = res.point, res.precond
+    c = res.threshold
+    N = pt["step"]
+    out = []
+    out.append(
+        (
+            "threshold",
+            f"c = {c:g} is a threshold on the effective sharpness λ_max(P⁻¹H): the largest "
+            "eigenvalue of the loss Hessian H preconditioned by P⁻¹ = diag(p), "
+            f"p = {pc['effective_step']}. While it is below c the optimizer follows its stable "
+            "flow; when progressive sharpening pushes it above c, the iterate oscillates (period "
+            "2) along the top eigenvectors, the oscillation bends the trajectory back, and "
+            "λ_max(P⁻¹H) stays at c: the edge of stability.",
+        )
+    )
+    where = (
+        f"At step {N} the central flow's effective sharpness is "
+        f"{_f(pt['sharpness_central'])} (threshold {c:g}); the discrete run's is "
+        f"{_f(pt['sharpness_discrete'])} (mean over the last 50 steps "
+        f"{_f(pt['sharpness_discrete_mean_last50'])}). "
+    )
+    k = pt["n_crit"]
+    if k:
+        evs = ", ".join(_f(d["eigenvalue"], ".5g") for d in pt["critical_directions"])
+        xs = ", ".join(_f(x, ".3g") for x in pt["X_eigenvalues"])
+        where += (
+            f"{k} critical direction{'s' if k > 1 else ''} (eigenvalue{'s' if k > 1 else ''} "
+            f"{evs} of P⁻¹H) carr{'y' if k > 1 else 'ies'} the oscillation; its covariance "
+            f"Σ = U X Uᵀ has X eigenvalues {xs}."
+        )
+        blocks = pt["critical_directions"][0]["blocks"]
+        if blocks:
+            where += (
+                " The top critical direction lives mostly on "
+                + ", ".join(f"{name} ({100 * w:.0f}%)" for name, w in blocks)
+                + "."
+            )
+    else:
+        where += (
+            "No eigenvalue of P⁻¹H is at the threshold: the run is not at the edge of "
+            "stability here, Σ = 0 and the central flow is the stable flow."
+        )
+    out.append(("edge of stability", where))
+    if pt["penalty_fraction"] is not None:
+        txt = (
+            "The oscillation changes the gradient the optimizer sees on average by the implicit "
+            f"curvature penalty ½∇⟨H,Σ⟩: {_pct(pt['penalty_fraction'])} of ‖∇L‖ at step {N} "
+            f"({_pct(pt['penalty_fraction_preconditioned'])} of the preconditioned step "
+            f"P⁻¹∇L; cosine with ∇L {_f(pt['penalty_cos'], '.3f')}). It pushes w̄ towards "
+            "flatter regions."
+        )
+        if pt.get("penalty_fraction_stationary") is not None:
+            txt += (
+                " With the preconditioner settled (stationary Σ*) it would be "
+                f"{_pct(pt['penalty_fraction_stationary'])}."
+            )
+        out.append(("implicit curvature penalty", txt))
+    if not pc["adaptive"]:
+        out.append(
+            (
+                "stationary preconditioner",
+                f"{res.optimizer} has no slow preconditioner state: p = {pc['effective_step']} "
+                "does not depend on any optimizer state that adapts to the gradients, so there is "
+                "no adaptive preconditioner to settle and nothing to relax or to optimise. The "
+                f"effective step size is constant: harmonic mean {_f(pt['hmean_central'])} at "
+                "every step.",
+            )
+        )
+        return out
+    names = pc["slow_states"]
+    states = ", ".join(names)
+    txt = (
+        f"The preconditioner adapts through the slow state{'s' if len(names) > 1 else ''} "
+        f"{states}. Freezing w̄ and letting {states} and Σ relax gives the stationary "
+        "preconditioner P*(w̄): the step sizes the optimizer would settle to here. "
+    )
+    rt = res.relax_talk
+    if rt is not None:
+        txt += (
+            "Relaxation (talk's ν-rate, E[g] = ∇L in the state rates): "
+            f"{'converged' if rt.converged else 'NOT converged'} after {rt.iterations} units "
+            f"of time (dt = 1/{rt.substeps}; last relative change "
+            f"{_f(rt.history[-1], '.2g')}), {rt.X.shape[0]} critical direction(s) at the fixed "
+            f"point, {rt.time_s:.0f} s. "
+        )
+    s = res.sdp
+    if s is not None:
+        txt += (
+            f"SDP (min tr P + (1/η²) Σ (∇L_i² + ε)/P_i s.t. H ⪯ {c:g}P: the step sizes with "
+            "the largest harmonic mean that keep the point stable): a "
+            f"{s.k}×{s.k} LMI in q = 1/P over n = {s.P.size} coordinates, {s.iterations} "
+            f"model(s), solve time {s.solve_time_s:.1f} s (last {s.solve_time_last_s:.1f} s); "
+            f"verified on the full problem: λ_max(P*⁻¹H) = {s.lam_max:.8g}, margin "
+            f"{s.margin:.2g} ({'ok' if s.verified else 'VIOLATED'}), KKT residual "
+            f"{s.kkt_residual:.1g}. "
+        )
+    else:
+        txt += f"The SDP does not apply: {pc['sdp_reason']}. "
+    cm = res.comparisons
+    for key in ("relax_talk_vs_sdp", "relax_default_vs_talk"):
+        d = cm.get(key, {})
+        if d.get("n_compared"):
+            txt += (
+                f"{PAIR_WORDS[key]}: median relative error {d['median_rel_err']:.2g}, "
+                f"max {d['max_rel_err']:.2g} over {d['n_compared']} coordinates. "
+            )
+    if "sigma_relax_vs_sdp_dual" in cm:
+        sg = cm["sigma_relax_vs_sdp_dual"]
+        txt += (
+            "The SDP's dual matrix reproduces the relaxed oscillation: "
+            f"‖HΣ*H − (η²/c)BYBᵀ‖/‖HΣ*H‖ = {_f(sg['rel_frobenius'], '.2g')}. "
+        )
+    ref = cm.get("reference")
+    d = cm.get(f"discrete_vs_{ref}", {})
+    if d.get("n_compared"):
+        txt += (
+            f"Against the discrete run's actual preconditioner at step {N}: correlation "
+            f"{_f(d.get('corr'), '.3f')} (of log P: {_f(d.get('corr_log'), '.3f')}), median "
+            f"relative error {d['median_rel_err']:.2g}. "
+        )
+    if pc.get("n_dead"):
+        txt += (
+            f"{pc['n_dead']} dead coordinate(s) (∇L_i = 0 and H e_i = 0) are left out: "
+            "there ν* = 0 and P* = √ε/η exactly. "
+        )
+    out.append(("stationary preconditioner", txt.strip()))
+    hm = (
+        f"Harmonic mean of the effective step sizes n/Σ(1/p_i) at step {N}: discrete "
+        f"{_f(pt['hmean_discrete'])}, central flow {_f(pt['hmean_central'])}"
+    )
+    if pt.get("hmean_stationary") is not None:
+        hm += f", stationary {_f(pt['hmean_stationary'])}"
+    hm += (
+        ". The stationary preconditioner maximises it subject to stability: adapt, but "
+        "avoid regions that force small steps (the talk's acceleration via regularization)."
+    )
+    out.append(("harmonic mean of step sizes", hm))
+    return out
+
+
+def explain_report(res, out: Path | None, console) -> None:
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    console.print(
+        f"[bold]flowgen explain: {res.optimizer} on {res.problem}[/bold] at step "
+        f"{res.point['step']} (n = {res.n} parameters; central flow from step "
+        f"{res.start})"
+    )
+    for head, para in explain_text(res):
+        console.print(Panel(Text(para), title=head, title_align="left", expand=True))
+    cm = res.comparisons
+    rows = [k for k in PAIR_WORDS if k in cm and cm[k].get("n_compared")]
+    if rows:
+        tab = Table(title="preconditioners compared (per coordinate)", title_justify="left")
+        for col in ("pair", "median rel. err", "max rel. err", "corr", "corr (log)", "coords"):
+            tab.add_column(col, justify="left" if col == "pair" else "right")
+        for k in rows:
+            d = cm[k]
+            tab.add_row(
+                PAIR_WORDS[k],
+                f"{d['median_rel_err']:.3g}",
+                f"{d['max_rel_err']:.3g}",
+                _f(d.get("corr"), ".5f"),
+                _f(d.get("corr_log"), ".5f"),
+                str(d["n_compared"]),
+            )
+        console.print(tab)
+    t = res.timings
+    console.print(
+        "time: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items() if k.endswith("_s"))
+    )
+    if out is not None:
+        files = ["report.json", "explain.npz", "harmonic_mean.png"]
+        if res.precond["adaptive"]:
+            files.append("stationary_preconditioner.png")
+        console.print(f"wrote {out}/" + ", ".join(files) + ", optimizer.py")
+
+
+# ------------------------------------------------------------------------- files
+
+
+def write_explain(res, out: Path, *, opt, command=None) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = res.to_json()
+    data["provenance"] = provenance(opt, command)
+    data["text"] = dict(explain_text(res))
+    (out / "report.json").write_text(json.dumps(data, indent=1))
+    arrays = {f"P_{k}": np.asarray(v) for k, v in res.P.items()}
+    np.savez(out / "explain.npz", **arrays, **{k: np.asarray(v) for k, v in res.series.items()})
+    (out / "optimizer.py").write_text(opt.source)
+    files = [
+        out / "report.json",
+        out / "explain.npz",
+        plot_harmonic_mean(res, out / "harmonic_mean.png"),
+    ]
+    if res.precond["adaptive"] and len(res.P) > 2:
+        files.append(plot_stationary(res, out / "stationary_preconditioner.png"))
+    return files
+
+
+def plot_stationary(res, path: Path) -> Path:
+    """True vs predicted coordinates of the preconditioner (log-log)."""
+    plt = _plt()
+    ref = res.comparisons.get("reference", "relax_talk")
+    Pstar = np.asarray(res.P[ref])
+    live = np.ones(Pstar.size, bool)
+    if res.sdp is not None:
+        live = ~res.sdp.dead
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    ax = axes[0]
+    x = Pstar[live]
+    ax.scatter(
+        x,
+        np.asarray(res.P["discrete"])[live],
+        s=4,
+        alpha=0.5,
+        color="C0",
+        label="discrete run: √(ν+ε)/η at step N",
+    )
+    ax.scatter(
+        x,
+        np.asarray(res.P["central"])[live],
+        s=3,
+        alpha=0.4,
+        color="C3",
+        label="central flow at step N",
+    )
+    lo, hi = np.nanmin(x[x > 0]), np.nanmax(x)
+    ax.plot([lo, hi], [lo, hi], color="k", lw=1, ls=":", label="y = x")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    label = "SDP" if ref == "sdp" else "relaxation"
+    ax.set_xlabel(f"stationary P* ({label})")
+    ax.set_ylabel("actual P")
+    d = res.comparisons.get(f"discrete_vs_{ref}", {})
+    ax.set_title(
+        f"predicted vs true coordinates: corr(log) {_f(d.get('corr_log'), '.3f')}, "
+        f"median rel. err {_f(d.get('median_rel_err'), '.2g')}",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    if "sdp" in res.P and "relax_talk" in res.P:
+        a, b = np.asarray(res.P["relax_talk"])[live], np.asarray(res.P["sdp"])[live]
+        ax.scatter(b, a, s=4, color="C2", label="relaxation (talk's ν-rate)")
+        if "relax_default" in res.P:
+            ax.scatter(
+                b,
+                np.asarray(res.P["relax_default"])[live],
+                s=2,
+                color="C1",
+                alpha=0.5,
+                label="relaxation (default ν-rate)",
+            )
+        ax.plot([lo, hi], [lo, hi], color="k", lw=1, ls=":")
+        d = res.comparisons.get("relax_talk_vs_sdp", {})
+        ax.set_title(
+            "two computations of P*: median rel. err "
+            f"{_f(d.get('median_rel_err'), '.2g')}, max {_f(d.get('max_rel_err'), '.2g')}",
+            fontsize=10,
+        )
+        ax.set_xlabel("P* from the SDP")
+        ax.set_ylabel("P* from relaxing the central flow with w̄ frozen")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        ax.hist(np.log10(x), bins=60, color="C2")
+        ax.set_xlabel("log10 P* (relaxation)")
+        ax.set_title("stationary preconditioner (no SDP for this optimizer)", fontsize=10)
+    fig.suptitle(
+        f"{res.optimizer} on {res.problem}: the stationary preconditioner at step "
+        f"{res.point['step']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_harmonic_mean(res, path: Path) -> Path:
+    plt = _plt()
+    s = res.series
+    x = s["step"]
+    N = res.point["step"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax = axes[0]
+    m = np.isfinite(s["hmean_discrete"])
+    ax.plot(x[m], s["hmean_discrete"][m], color="C0", lw=1, label="discrete")
+    m = np.isfinite(s["hmean_central"])
+    ax.plot(x[m], s["hmean_central"][m], color="C3", lw=1.5, ls="--", label="central flow")
+    if res.point.get("hmean_stationary") is not None:
+        ax.plot([N], [res.point["hmean_stationary"]], "k*", ms=10, label="stationary P* at N")
+    ax.set_yscale("log")
+    from matplotlib.ticker import LogFormatter
+
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+    ax.set_xlabel("step")
+    ax.set_title("harmonic mean of effective step sizes n / Σ(1/p_i)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    m = np.isfinite(s["sharpness_discrete"])
+    ax.plot(x[m], s["sharpness_discrete"][m], color="C0", lw=0.8, label="discrete")
+    m = np.isfinite(s["sharpness_central"])
+    ax.plot(x[m], s["sharpness_central"][m], color="C3", lw=1.5, label="central flow")
+    c = res.threshold
+    ax.axhline(c, color="k", ls=":", label=f"threshold c = {c:g}")
+    ax.set_ylim(0, 2 * c)
+    ax.set_xlabel("step")
+    ax.set_title(r"effective sharpness $\lambda_{\max}(P^{-1}H)$")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{res.optimizer} on {res.problem}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
