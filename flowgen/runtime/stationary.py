@@ -52,9 +52,11 @@ solves a small SDP; the two must agree, which tests the derivation end to end.
    Dual: the LMI's multiplier ``Y`` (k×k) satisfies ``P_i² = a_i + (1/c)·(B Y Bᵀ)_ii``
    (the ``kkt_residual`` checks it); with ``ν = η²P² − ε`` this is
    ``ν = ∇L² + (η²/c)·diag(B Y Bᵀ)``, i.e. ``diag(HΣH) = (η²/c) diag(B Y Bᵀ)``:
-   ``Y = (c/η²) Bᵀ Σ B`` — for c = 2 the dual matrix is ``2Σ/η²`` (in the
-   coordinates of ``B``). :func:`sigma_agreement` compares ``HΣH`` of the
-   relaxation with ``(η²/c) B Y Bᵀ``.
+   ``Y = (c/η²) Bᵀ Σ B``. In the P-form (``cP − H ⪰ 0`` with multiplier ``Z``,
+   stationarity ``1 − a_i/P_i² = c Z_ii``) the same chain rule gives
+   ``Z = P⁻¹ B Y Bᵀ P⁻¹ / c²``, and with ``HU = cPU`` on the tight directions
+   ``Z = cΣ/η²``: for c = 2 the dual matrix is ``2Σ/η²``, as the talk says.
+   :func:`sigma_agreement` compares ``HΣH`` of the relaxation with ``(η²/c) B Y Bᵀ``.
 
 Dead coordinates (``∇L_i = 0`` and ``H e_i = 0``, e.g. weights on an input that
 is constantly zero) have ``ν* = 0``: ``P*_i = √ε/η`` in both computations (0
