@@ -155,6 +155,23 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _with_phases(fn, opt, problem, cfg):
+    """Run ``fn(opt, problem, cfg, progress=...)`` with one progress bar per phase;
+    records the wall time in ``res.timings``."""
+    tic = time.perf_counter()
+    with _progress(f"{opt.name} on {problem.name}") as prog:
+        tasks = {}
+
+        def cb(phase, t, n):
+            if phase not in tasks:
+                tasks[phase] = prog.add_task(phase, total=n)
+            prog.update(tasks[phase], completed=t, description=phase)
+
+        res = fn(opt, problem, cfg, progress=cb)
+    res.timings["wall_s"] = time.perf_counter() - tic
+    return res
+
+
 def cmd_validate(args) -> int:
     from flowgen.api import load
     from flowgen.report.outputs import validation_summary, write_validation
@@ -180,17 +197,7 @@ def cmd_validate(args) -> int:
         eig_every=args.eig_every or 1,
         central=CentralConfig(substeps=args.substeps),
     )
-    tic = time.perf_counter()
-    with _progress(f"{opt.name} on {problem.name}") as prog:
-        tasks = {}
-
-        def cb(phase, t, n):
-            if phase not in tasks:
-                tasks[phase] = prog.add_task(phase, total=n)
-            prog.update(tasks[phase], completed=t, description=phase)
-
-        res = validate(opt, problem, cfg, progress=cb)
-    res.timings["wall_s"] = time.perf_counter() - tic
+    res = _with_phases(validate, opt, problem, cfg)
     out = Path(args.out or f"runs/validate-{opt.name}-{problem.name}")
     write_validation(res, out, opt=opt, command=sys.argv)
     validation_summary(res, out, _console())
@@ -223,17 +230,7 @@ def cmd_explain(args) -> int:
         default_form=not args.no_default_form,
         sdp_k=args.sdp_k,
     )
-    tic = time.perf_counter()
-    with _progress(f"{opt.name} on {problem.name}") as prog:
-        tasks = {}
-
-        def cb(phase, t, n):
-            if phase not in tasks:
-                tasks[phase] = prog.add_task(phase, total=n)
-            prog.update(tasks[phase], completed=t, description=phase)
-
-        res = explain(opt, problem, cfg, progress=cb)
-    res.timings["wall_s"] = time.perf_counter() - tic
+    res = _with_phases(explain, opt, problem, cfg)
     out = Path(args.out or f"runs/explain-{opt.name}-{problem.name}")
     write_explain(res, out, opt=opt, command=sys.argv)
     explain_report(res, out, _console())
