@@ -36,7 +36,6 @@ from flowgen.codegen import generate, load_module
 from flowgen.flow import build_flow
 from flowgen.language import check_program, parse_text
 
-jax.config.update("jax_enable_x64", True)
 
 OPT_IDS = [p.stem for p in OPTIMIZERS]
 OPT = {p.stem: p for p in OPTIMIZERS}

@@ -21,7 +21,6 @@ from flowgen.runtime.eigen import (
     track_top,
 )
 
-jax.config.update("jax_enable_x64", True)
 
 N = 200
 

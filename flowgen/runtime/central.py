@@ -42,8 +42,7 @@ from flowgen.runtime import derivatives, eigen
 from flowgen.runtime.optimizer import Optimizer
 from flowgen.runtime.problems import Problem
 from flowgen.runtime.sdcp import solve_sdcp
-
-jax.config.update("jax_enable_x64", True)
+from flowgen.precision import in_float64
 
 
 @dataclass(frozen=True)
@@ -193,6 +192,7 @@ class CentralFlow:
         self.timings["eigensolver"] += time.perf_counter() - tic
         return np.asarray(self.eig.vals), self.eig.vecs
 
+    @in_float64
     def substep(self) -> tuple[float, SubstepRecord, dict]:
         import time
 
@@ -253,6 +253,7 @@ class CentralFlow:
         self.w, self.state, self.t = w_new, s_new, self.t + self.dt
         return float(L), SubstepRecord(info["X"], vals, k), info
 
+    @in_float64
     def advance(self, K: int) -> CentralChunk:
         """Advance ``K`` units of time; records are at the integer times
         ``t0, …, t0 + K − 1`` (taken at the first substep of each unit)."""

@@ -18,8 +18,6 @@ import numpy as np
 
 from flowgen.runtime.eigen import hvp
 
-jax.config.update("jax_enable_x64", True)
-
 __all__ = ["hess_times", "third_contractions"]
 
 Loss = Callable[[jax.Array], jax.Array]

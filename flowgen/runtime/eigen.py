@@ -67,8 +67,6 @@ from jax.tree_util import Partial
 
 from flowgen.errors import SimulationError
 
-jax.config.update("jax_enable_x64", True)
-
 __all__ = [
     "EigState",
     "EigInfo",

@@ -15,8 +15,6 @@ import jax.numpy as jnp
 from flowgen.codegen import generate, load_module
 from flowgen.flow.spec import FlowSpec
 
-jax.config.update("jax_enable_x64", True)
-
 
 @dataclass(frozen=True)
 class Optimizer:

@@ -35,13 +35,12 @@ from typing import Any
 
 import jax
 
-jax.config.update("jax_enable_x64", True)
-
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from flowgen.errors import Location, ProblemError, location_in  # noqa: E402
+from flowgen.precision import in_float64
 
 __all__ = [
     "BUILTIN",
@@ -109,6 +108,7 @@ def _soft_square(r: jax.Array, quartic: float) -> jax.Array:
     return (jnp.logaddexp(z, -z) - jnp.log(2.0)) / a
 
 
+@in_float64
 def quadratic(n: int = 20, seed: int = 0, cond: float = 100.0, quartic: float = 0.1) -> Problem:
     r"""A fixed ill-conditioned quadratic whose curvature grows along the GD path.
 
@@ -224,6 +224,7 @@ def _digits_data(n: int, classes: int, keep_constant: bool) -> tuple[np.ndarray,
     return x, onehot, dropped
 
 
+@in_float64
 def digits_mlp(
     n: int = 400,
     classes: int = 4,
@@ -449,6 +450,7 @@ def _literal(text: str) -> Any:
 # --------------------------------------------------------------------------- #
 
 
+@in_float64
 def get_problem(spec: str, **options: Any) -> Problem:
     """Build the problem named by ``spec``.
 

@@ -25,8 +25,7 @@ import numpy as np
 from flowgen.errors import SimulationError
 from flowgen.runtime.optimizer import Optimizer, tree_finite
 from flowgen.runtime.problems import Problem
-
-jax.config.update("jax_enable_x64", True)
+from flowgen.precision import in_float64
 
 
 @dataclass
@@ -77,6 +76,7 @@ class DiscreteProcess:
 
         self._run = run
 
+    @in_float64
     def advance(self, K: int) -> Chunk:
         w, s, ws, ss, Ls, gn = self._run(self.w, self.state, float(self.t), K)
         _check_finite("discrete optimizer", {"loss": Ls, "parameters": ws}, self.t)
@@ -153,6 +153,7 @@ class StableFlow:
 
         self._run = run
 
+    @in_float64
     def advance(self, K: int) -> Chunk:
         for solver in ("explicit", "implicit") if self.solver_name == "explicit" else ("implicit",):
             ws, ss, Ls, gn, result, nsteps = self._run(self.w, self.state, float(self.t), K, solver)
@@ -182,6 +183,7 @@ class SharpnessMeter:
         self._eigen = eigen
         self._prev = None
 
+    @in_float64
     def __call__(self, w, state, t) -> float:
         p = self.opt.effective_step(w, state, float(t))
         mv = self._eigen.sym_eff_hessian_matvec(self.problem.loss, w, p)

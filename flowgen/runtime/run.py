@@ -20,8 +20,7 @@ import numpy as np
 from flowgen.runtime.optimizer import Optimizer
 from flowgen.runtime.problems import Problem
 from flowgen.runtime.processes import DiscreteProcess, SharpnessMeter, StableFlow
-
-jax.config.update("jax_enable_x64", True)
+from flowgen.precision import in_float64
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,7 @@ def default_start(opt: Optimizer) -> int:
     return 1 if opt.state_names else 0
 
 
+@in_float64
 def run_stable(
     opt: Optimizer,
     problem: Problem,

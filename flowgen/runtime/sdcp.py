@@ -49,8 +49,6 @@ import scipy.optimize
 
 from flowgen.errors import SimulationError
 
-jax.config.update("jax_enable_x64", True)
-
 __all__ = ["SDCPResult", "SDCPProblem", "sdcp_problem", "solve_sdcp", "sym_basis"]
 
 NEG_TOL = 1e-8  # relative size below which an eigenvalue of B_s counts as zero

@@ -86,8 +86,7 @@ from flowgen.runtime import derivatives, eigen
 from flowgen.runtime.central import CentralConfig, CentralFlow
 from flowgen.runtime.optimizer import Optimizer
 from flowgen.runtime.problems import Problem
-
-jax.config.update("jax_enable_x64", True)
+from flowgen.precision import in_float64
 
 __all__ = [
     "Relaxation",
@@ -257,6 +256,7 @@ def _state_vec(opt: Optimizer, state: dict) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
+@in_float64
 def relax(
     opt: Optimizer,
     problem: Problem,
@@ -456,6 +456,7 @@ def _solve_model(B: np.ndarray, a: np.ndarray, c: float, solver_tol: float):
     return qv, 0.5 * (Y + Y.T), prob.status
 
 
+@in_float64
 def stationary_sdp(
     loss,
     w_bar,
@@ -774,6 +775,7 @@ def _block_weights(problem: Problem, u: np.ndarray, top: int = 3) -> list[tuple[
     return sorted(out, key=lambda kv: -kv[1])[:top]
 
 
+@in_float64
 def explain(
     opt: Optimizer,
     problem: Problem,

@@ -37,8 +37,7 @@ from flowgen.runtime.optimizer import Optimizer
 from flowgen.runtime.problems import Problem
 from flowgen.runtime.processes import DiscreteProcess, SharpnessMeter, StableFlow
 from flowgen.runtime.run import default_start
-
-jax.config.update("jax_enable_x64", True)
+from flowgen.precision import in_float64
 
 PASS_CENTRAL = 0.10  # central_distance_rel at most this
 PASS_RATIO = 3.0  # stable_distance_rel at least this multiple of central
@@ -127,6 +126,7 @@ def first_crossing(sharp: np.ndarray, level: float) -> int | None:
     return int(above[0]) if len(above) else None
 
 
+@in_float64
 def validate(
     opt: Optimizer,
     problem: Problem,
