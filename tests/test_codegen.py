@@ -23,7 +23,6 @@ import sys
 import textwrap
 import traceback
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -35,7 +34,6 @@ from flowgen.cli import main
 from flowgen.codegen import generate, load_module
 from flowgen.flow import build_flow
 from flowgen.language import check_program, parse_text
-
 
 OPT_IDS = [p.stem for p in OPTIMIZERS]
 OPT = {p.stem: p for p in OPTIMIZERS}

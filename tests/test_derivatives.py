@@ -11,7 +11,6 @@ from jax.flatten_util import ravel_pytree
 from flowgen.runtime.derivatives import hess_times, third_contractions
 from flowgen.runtime.eigen import hvp
 
-
 EPS = 1e-4  # central differences: truncation O(EPS²), round-off O(1e-16 / EPS)
 
 

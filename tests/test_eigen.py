@@ -21,7 +21,6 @@ from flowgen.runtime.eigen import (
     track_top,
 )
 
-
 N = 200
 
 

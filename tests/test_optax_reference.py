@@ -20,7 +20,6 @@ from conftest import ROOT
 import flowgen
 from flowgen.runtime.problems import get_problem
 
-
 STEPS = 200
 RTOL = 1e-10
 

@@ -38,11 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowgen.errors import SimulationError
+from flowgen.precision import in_float64
 from flowgen.runtime import derivatives, eigen
 from flowgen.runtime.optimizer import Optimizer
 from flowgen.runtime.problems import Problem
 from flowgen.runtime.sdcp import solve_sdcp
-from flowgen.precision import in_float64
 
 
 @dataclass(frozen=True)

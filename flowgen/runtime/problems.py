@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
-
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowgen.errors import SimulationError
+from flowgen.precision import in_float64
 from flowgen.runtime.optimizer import Optimizer, tree_finite
 from flowgen.runtime.problems import Problem
-from flowgen.precision import in_float64
 
 
 @dataclass

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowgen.precision import in_float64
 from flowgen.runtime.optimizer import Optimizer
 from flowgen.runtime.problems import Problem
 from flowgen.runtime.processes import DiscreteProcess, SharpnessMeter, StableFlow
-from flowgen.precision import in_float64
 
 
 @dataclass(frozen=True)

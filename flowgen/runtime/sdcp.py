@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import cvxpy as cp
-import jax
 import numpy as np
 import scipy.optimize
 

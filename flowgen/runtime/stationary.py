@@ -82,11 +82,11 @@ import numpy as np
 import sympy as sp
 
 from flowgen.errors import SimulationError, UsageError
+from flowgen.precision import in_float64
 from flowgen.runtime import derivatives, eigen
 from flowgen.runtime.central import CentralConfig, CentralFlow
 from flowgen.runtime.optimizer import Optimizer
 from flowgen.runtime.problems import Problem
-from flowgen.precision import in_float64
 
 __all__ = [
     "Relaxation",

@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowgen.errors import UsageError
+from flowgen.precision import in_float64
 from flowgen.runtime.central import CentralConfig, CentralFlow
 from flowgen.runtime.optimizer import Optimizer
 from flowgen.runtime.problems import Problem
 from flowgen.runtime.processes import DiscreteProcess, SharpnessMeter, StableFlow
 from flowgen.runtime.run import default_start
-from flowgen.precision import in_float64
 
 PASS_CENTRAL = 0.10  # central_distance_rel at most this
 PASS_RATIO = 3.0  # stable_distance_rel at least this multiple of central
