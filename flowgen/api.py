@@ -53,19 +53,26 @@ class OptFile:
         eig_every: int = 5,
         chunk: int = 50,
         progress=None,
+        out=None,
+        resume: bool = False,
         **hyper: float,
     ):
-        """Discrete optimizer and stable flow in lockstep; returns a ``RunResult``."""
-        from flowgen.runtime.problems import Problem, get_problem
+        """Discrete optimizer and stable flow in lockstep; returns a ``RunResult``.
+
+        With ``out``: checkpoints there after every chunk, ``resume=True`` continues
+        from the checkpoint, and run.json, run.npz and run.png are written there."""
         from flowgen.runtime.run import RunConfig, run_stable
 
-        prob = (
-            problem
-            if isinstance(problem, Problem)
-            else get_problem(problem, **(problem_options or {}))
-        )
+        prob = _problem(problem, problem_options)
+        opt = self.optimizer(**hyper)
         cfg = RunConfig(steps=steps, eig_every=eig_every, chunk=chunk)
-        return run_stable(self.optimizer(**hyper), prob, cfg, progress=progress)
+        store = _store(out, "run", opt, prob, cfg)
+        res = run_stable(opt, prob, cfg, progress=progress, store=store, resume=resume)
+        if out is not None:
+            from flowgen.report.outputs import write_run
+
+            write_run(res, Path(out), opt=opt)
+        return res
 
     def validate(
         self,
@@ -77,27 +84,25 @@ class OptFile:
         substeps: int = 4,
         progress=None,
         out=None,
+        resume: bool = False,
         **hyper: float,
     ):
         """Discrete, central and stable processes compared (``flowgen validate``).
 
-        Returns a ``ValidationResult``; with ``out`` also writes report.json,
+        Returns a ``ValidationResult``; with ``out`` also checkpoints there after
+        every chunk (``resume=True`` continues from it) and writes report.json,
         series.npz and validate.png there.
         """
         from flowgen.runtime.central import CentralConfig
-        from flowgen.runtime.problems import Problem, get_problem
         from flowgen.runtime.validate import ValidateConfig, validate
 
-        prob = (
-            problem
-            if isinstance(problem, Problem)
-            else get_problem(problem, **(problem_options or {}))
-        )
+        prob = _problem(problem, problem_options)
         opt = self.optimizer(**hyper)
         cfg = ValidateConfig(
             steps=steps, restart_at=restart_at, central=CentralConfig(substeps=substeps)
         )
-        res = validate(opt, prob, cfg, progress=progress)
+        store = _store(out, "validate", opt, prob, cfg)
+        res = validate(opt, prob, cfg, progress=progress, store=store, resume=resume)
         if out is not None:
             from flowgen.report.outputs import write_validation
 
@@ -115,6 +120,7 @@ class OptFile:
         default_form: bool = True,
         progress=None,
         out=None,
+        resume: bool = False,
         **hyper: float,
     ):
         """Interpret the flow at step ``steps`` (``flowgen explain``): threshold, critical
@@ -124,24 +130,36 @@ class OptFile:
         Returns an ``Explanation``; with ``out`` also writes report.json, explain.npz and
         the PNG figures there.
         """
-        from flowgen.runtime.problems import Problem, get_problem
-        from flowgen.runtime.stationary import ExplainConfig, explain
+        from flowgen.runtime.explain import ExplainConfig, explain
 
-        prob = (
-            problem
-            if isinstance(problem, Problem)
-            else get_problem(problem, **(problem_options or {}))
-        )
+        prob = _problem(problem, problem_options)
         opt = self.optimizer(**hyper)
         cfg = ExplainConfig(
             steps=steps, restart_at=restart_at, substeps=substeps, default_form=default_form
         )
-        res = explain(opt, prob, cfg, progress=progress)
+        store = _store(out, "explain", opt, prob, cfg)
+        res = explain(opt, prob, cfg, progress=progress, store=store, resume=resume)
         if out is not None:
             from flowgen.report.explain import write_explain
 
             write_explain(res, Path(out), opt=opt)
         return res
+
+
+def _problem(problem, options):
+    """A :class:`Problem` from a name/spec (with options) or as given."""
+    from flowgen.runtime.problems import Problem, get_problem
+
+    return problem if isinstance(problem, Problem) else get_problem(problem, **(options or {}))
+
+
+def _store(out, command: str, opt, problem, config):
+    """The run's checkpoint store in ``out`` (None without ``out``)."""
+    if out is None:
+        return None
+    from flowgen.runtime.checkpoint import CheckpointStore, run_identity
+
+    return CheckpointStore(Path(out), run_identity(command, opt, problem, config))
 
 
 def load(path: str | Path) -> OptFile:

@@ -133,6 +133,67 @@ def _progress(label: str):
     return prog
 
 
+class _StopOnSigint:
+    """SIGINT handling for long runs: the first Ctrl-C asks the run to stop after the
+    chunk in progress (its checkpoint is then complete; exit 130); a second one stops
+    at once (the previous chunk's checkpoint remains). Installed only by the CLI."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        import signal
+
+        if self.requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        _console(stderr=True).print(
+            "[yellow]interrupt: stopping after this chunk and writing the checkpoint "
+            "(Ctrl-C again to stop now)[/yellow]"
+        )
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def _with_phases(fn, opt, problem, cfg, *, command: str, out: Path, resume: bool):
+    """Run ``fn(opt, problem, cfg, progress=..., store=..., resume=..., should_stop=...)``
+    with one progress bar per phase, a checkpoint in ``out`` and SIGINT handling;
+    records the wall time in ``res.timings``."""
+    from flowgen.runtime.checkpoint import CheckpointStore, run_identity
+
+    store = CheckpointStore(out, run_identity(command, opt, problem, cfg))
+    tic = time.perf_counter()
+    with _progress(f"{opt.name} on {problem.name}") as prog, _StopOnSigint() as stop:
+        tasks = {}
+
+        def cb(phase, t, n):
+            if phase not in tasks:
+                tasks[phase] = prog.add_task(phase, total=n)
+            prog.update(tasks[phase], completed=t, description=phase)
+
+        res = fn(opt, problem, cfg, progress=cb, store=store, resume=resume, should_stop=stop)
+    res.timings["wall_s"] = time.perf_counter() - tic
+    return res
+
+
 def cmd_run(args) -> int:
     from flowgen.api import load
     from flowgen.report.outputs import run_summary, write_run
@@ -144,32 +205,11 @@ def cmd_run(args) -> int:
     opt = of.optimizer(**sets)
     problem = _problem(args)
     cfg = RunConfig(steps=args.steps, chunk=args.chunk, eig_every=args.eig_every or 5)
-    tic = time.perf_counter()
-    with _progress(f"{opt.name} on {problem.name}") as prog:
-        task = prog.add_task("run", total=args.steps)
-        res = run_stable(opt, problem, cfg, progress=lambda t, n: prog.update(task, completed=t))
-    res.timings["wall_s"] = time.perf_counter() - tic
     out = Path(args.out or f"runs/{opt.name}-{problem.name}")
+    res = _with_phases(run_stable, opt, problem, cfg, command="run", out=out, resume=args.resume)
     write_run(res, out, opt=opt, command=sys.argv)
     run_summary(res, out, _console())
     return 0
-
-
-def _with_phases(fn, opt, problem, cfg):
-    """Run ``fn(opt, problem, cfg, progress=...)`` with one progress bar per phase;
-    records the wall time in ``res.timings``."""
-    tic = time.perf_counter()
-    with _progress(f"{opt.name} on {problem.name}") as prog:
-        tasks = {}
-
-        def cb(phase, t, n):
-            if phase not in tasks:
-                tasks[phase] = prog.add_task(phase, total=n)
-            prog.update(tasks[phase], completed=t, description=phase)
-
-        res = fn(opt, problem, cfg, progress=cb)
-    res.timings["wall_s"] = time.perf_counter() - tic
-    return res
 
 
 def cmd_validate(args) -> int:
@@ -197,8 +237,8 @@ def cmd_validate(args) -> int:
         eig_every=args.eig_every or 1,
         central=CentralConfig(substeps=args.substeps),
     )
-    res = _with_phases(validate, opt, problem, cfg)
     out = Path(args.out or f"runs/validate-{opt.name}-{problem.name}")
+    res = _with_phases(validate, opt, problem, cfg, command="validate", out=out, resume=args.resume)
     write_validation(res, out, opt=opt, command=sys.argv)
     validation_summary(res, out, _console())
     if args.strict and res.summary["verdict"] != "pass":
@@ -209,7 +249,7 @@ def cmd_validate(args) -> int:
 def cmd_explain(args) -> int:
     from flowgen.api import load
     from flowgen.report.explain import explain_report, write_explain
-    from flowgen.runtime.stationary import ExplainConfig, explain
+    from flowgen.runtime.explain import ExplainConfig, explain
 
     of = load(args.file)
     opt = of.optimizer(**parse_sets(args.set))
@@ -230,8 +270,8 @@ def cmd_explain(args) -> int:
         default_form=not args.no_default_form,
         sdp_k=args.sdp_k,
     )
-    res = _with_phases(explain, opt, problem, cfg)
     out = Path(args.out or f"runs/explain-{opt.name}-{problem.name}")
+    res = _with_phases(explain, opt, problem, cfg, command="explain", out=out, resume=args.resume)
     write_explain(res, out, opt=opt, command=sys.argv)
     explain_report(res, out, _console())
     return 0
@@ -292,7 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="effective sharpness every K steps (run: 5, validate: 1)",
         )
-        p.add_argument("--chunk", type=int, default=25, help="steps per lockstep chunk")
+        p.add_argument(
+            "--chunk",
+            type=int,
+            default=25,
+            help="steps per lockstep chunk (progress and checkpoint granularity)",
+        )
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue from the checkpoint in --out (the same command, file, "
+            "hyperparameters and problem)",
+        )
 
     p = sub.add_parser("run", help="run the discrete optimizer and its stable flow")
     p.add_argument("file")
@@ -358,9 +409,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FlowgenError as err:
         print(err.format(), file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(
+            "interrupted: the checkpoint of the last complete chunk remains in --out; "
+            "rerun with --resume to continue",
+            file=sys.stderr,
+        )
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`
         import os

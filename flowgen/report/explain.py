@@ -16,12 +16,11 @@ Figures (in ``--out``):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from flowgen.report.outputs import _plt, provenance
+from flowgen.report.outputs import _plt, write_outputs
 
 PAIR_WORDS = {
     "relax_talk_vs_sdp": "relaxation (talk's ν-rate) vs SDP",
@@ -237,23 +236,23 @@ def explain_report(res, out: Path | None, console) -> None:
 
 
 def write_explain(res, out: Path, *, opt, command=None) -> list[Path]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     data = res.to_json()
-    data["provenance"] = provenance(opt, command)
     data["text"] = dict(explain_text(res))
-    (out / "report.json").write_text(json.dumps(data, indent=1))
     arrays = {f"P_{k}": np.asarray(v) for k, v in res.P.items()}
-    np.savez(out / "explain.npz", **arrays, **{k: np.asarray(v) for k, v in res.series.items()})
-    (out / "optimizer.py").write_text(opt.source)
-    files = [
-        out / "report.json",
-        out / "explain.npz",
-        plot_harmonic_mean(res, out / "harmonic_mean.png"),
-    ]
+    arrays.update({k: np.asarray(v) for k, v in res.series.items()})
+    figures = [lambda o: plot_harmonic_mean(res, o / "harmonic_mean.png")]
     if res.precond["adaptive"] and len(res.P) > 2:
-        files.append(plot_stationary(res, out / "stationary_preconditioner.png"))
-    return files
+        figures.append(lambda o: plot_stationary(res, o / "stationary_preconditioner.png"))
+    return write_outputs(
+        out,
+        opt=opt,
+        command=command,
+        json_name="report.json",
+        data=data,
+        npz_name="explain.npz",
+        arrays=arrays,
+        figures=figures,
+    )
 
 
 def plot_stationary(res, path: Path) -> Path:

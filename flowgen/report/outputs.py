@@ -4,7 +4,9 @@ arrays, PNG figures, and the provenance of the run (source hash, version, comman
 from __future__ import annotations
 
 import json
+import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from flowgen import __version__
 
 def provenance(opt, command) -> dict:
     spec = opt.spec
-    return {
+    out = {
         "flowgen_version": __version__,
         "source": spec.path,
         "sha256": spec.sha256,
@@ -22,6 +24,51 @@ def provenance(opt, command) -> dict:
         "command": list(command) if command else None,
         "python": platform.python_version(),
     }
+    try:
+        import jax
+
+        out["devices"] = [str(d) for d in jax.devices()]
+        out["jax_version"] = jax.__version__
+    except Exception:  # noqa: BLE001 - provenance is best effort
+        pass
+    return out
+
+
+def _atomic_write(path: Path, write: Callable[[object], None], binary: bool = False) -> None:
+    """Write through a temporary file renamed into place (readers never see half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb" if binary else "w") as fh:
+        write(fh)
+    os.replace(tmp, path)
+
+
+def write_outputs(
+    out: Path,
+    *,
+    opt,
+    command,
+    json_name: str,
+    data: dict,
+    npz_name: str,
+    arrays: dict[str, np.ndarray],
+    figures: list[Callable[[Path], Path | None]] = (),
+) -> list[Path]:
+    """The one writer of a command's outputs: ``json_name`` (``data`` + provenance),
+    ``npz_name`` (``arrays``), the generated ``optimizer.py`` and the figures
+    (each ``figure(out)`` returns the path it wrote, or None)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = dict(data)
+    data["provenance"] = provenance(opt, command)
+    _atomic_write(out / json_name, lambda fh: fh.write(json.dumps(data, indent=1)))
+    _atomic_write(out / npz_name, lambda fh: np.savez(fh, **arrays), binary=True)
+    (out / "optimizer.py").write_text(opt.source)
+    files = [out / json_name, out / npz_name]
+    for fig in figures:
+        path = fig(out)
+        if path is not None:
+            files.append(path)
+    return files
 
 
 def _plt():
@@ -34,14 +81,17 @@ def _plt():
 
 
 def write_run(res, out: Path, *, opt, command=None) -> list[Path]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = res.to_json()
-    data["provenance"] = provenance(opt, command)
-    (out / "run.json").write_text(json.dumps(data, indent=1))
-    np.savez(out / "run.npz", **res.series, **{f"w_final_{k}": v for k, v in res.w_final.items()})
-    (out / "optimizer.py").write_text(opt.source)
-    return [out / "run.json", out / "run.npz", *plot_run(res, out)]
+    arrays = {**res.series, **{f"w_final_{k}": v for k, v in res.w_final.items()}}
+    return write_outputs(
+        out,
+        opt=opt,
+        command=command,
+        json_name="run.json",
+        data=res.to_json(),
+        npz_name="run.npz",
+        arrays=arrays,
+        figures=[lambda o: plot_run(res, o)[0]],
+    )
 
 
 def plot_run(res, out: Path) -> list[Path]:
@@ -129,14 +179,16 @@ def run_summary(res, out: Path, console) -> None:
 
 
 def write_validation(res, out: Path, *, opt, command=None) -> list[Path]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = res.to_json()
-    data["provenance"] = provenance(opt, command)
-    (out / "report.json").write_text(json.dumps(data, indent=1))
-    np.savez(out / "series.npz", **res.series)
-    (out / "optimizer.py").write_text(opt.source)
-    return [out / "report.json", out / "series.npz", plot_validation(res, out / "validate.png")]
+    return write_outputs(
+        out,
+        opt=opt,
+        command=command,
+        json_name="report.json",
+        data=res.to_json(),
+        npz_name="series.npz",
+        arrays=res.series,
+        figures=[lambda o: plot_validation(res, o / "validate.png")],
+    )
 
 
 def plot_validation(res, path: Path) -> Path:

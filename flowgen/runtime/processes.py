@@ -90,6 +90,17 @@ class DiscreteProcess:
         gnorm = np.append(gnorm[1:], float(jnp.linalg.norm(jax.grad(self.problem.loss)(w))))
         return Chunk(ws, np.asarray(Ls), gnorm, ss)
 
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Everything needed to continue exactly: the iterate, the state, the time."""
+        out = {"w": np.asarray(self.w), "t": np.asarray(self.t)}
+        out.update({f"state/{k}": np.asarray(v) for k, v in self.state.items()})
+        return out
+
+    def restore(self, snap: dict[str, np.ndarray]) -> None:
+        self.w = jnp.asarray(snap["w"])
+        self.t = int(snap["t"])
+        self.state = {k[6:]: jnp.asarray(v) for k, v in snap.items() if k.startswith("state/")}
+
 
 class StableFlow:
     """The stable flow: the derived rates with ``Σ = 0`` (``Eg = ∇L``, ``Vg = 0``)."""
@@ -191,3 +202,14 @@ class SharpnessMeter:
         est = self._eigen.top_eigenpairs(mv, w.shape[0], self.k, init=init, tol=self.tol)
         self._prev = est
         return float(est.vals[0])
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """The warm start (the previous eigenvectors), so a resumed run measures the same."""
+        return {} if self._prev is None else {"vecs": np.asarray(self._prev.vecs)}
+
+    def restore(self, snap: dict[str, np.ndarray]) -> None:
+        if "vecs" in snap:
+            vecs = jnp.asarray(snap["vecs"])
+            self._prev = self._eigen.EigState(jnp.zeros(vecs.shape[1]), vecs)
+        else:
+            self._prev = None

@@ -1,35 +1,37 @@
 """``flowgen run``: the discrete optimizer and its stable flow, side by side.
 
-Both processes start from one point and advance in lockstep, chunk by chunk
-(``lax.scan`` for the discrete steps, diffrax for the flow), so a progress
-callback can report between chunks. Recorded per step: loss, gradient norm,
-effective sharpness ``λ_max(P⁻¹H)`` (every ``eig_every`` steps; NaN elsewhere),
-and the distance between the processes.
+One :class:`~flowgen.runtime.loop.Experiment` with a single flow lane, the
+stable flow (``Σ = 0``), started after the first discrete step when the
+optimizer has state (``default_start``). Recorded per step (``run.json``):
+loss, gradient norm, effective sharpness ``λ_max(P⁻¹H)`` (every ``eig_every``
+steps; NaN elsewhere), the harmonic mean of the discrete effective step sizes,
+and the distance between the two processes (``distance``, also
+``distance_stable``).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from flowgen.precision import in_float64
+from flowgen.runtime.checkpoint import CheckpointStore
+from flowgen.runtime.loop import Experiment, FlowLane, Progress, default_start
 from flowgen.runtime.optimizer import Optimizer
 from flowgen.runtime.problems import Problem
-from flowgen.runtime.processes import DiscreteProcess, SharpnessMeter, StableFlow
+from flowgen.runtime.processes import StableFlow
+from flowgen.runtime.series import json_values
+
+__all__ = ["RunConfig", "RunResult", "default_start", "run_stable"]
 
 
 @dataclass(frozen=True)
 class RunConfig:
     steps: int = 1000  # discrete steps (= units of flow time)
-    chunk: int = 50  # steps per lockstep chunk (progress granularity)
+    chunk: int = 50  # steps per lockstep chunk (progress and checkpoint granularity)
     eig_every: int = 5  # effective sharpness every K steps
-    start_step: int | None = None  # flows start from the discrete iterate here (None: auto)
-    rtol: float = 1e-6  # stable flow: relative tolerance of the PID controller
+    start_step: int | None = None  # the stable flow starts from the discrete iterate here
+    rtol: float = 1e-6  # stable flow: relative tolerance of the step-size controller
     atol: float = 1e-9  # stable flow: absolute tolerance
 
 
@@ -52,86 +54,45 @@ class RunResult:
             "config": asdict(self.config),
             "timings": self.timings,
             "info": self.info,
-            "series": {
-                k: [None if not np.isfinite(x) else float(x) for x in v]
-                for k, v in self.series.items()
-            },
+            "series": {k: json_values(v) for k, v in self.series.items()},
         }
 
 
-def default_start(opt: Optimizer) -> int:
-    """Flows start after the first discrete step when the optimizer has state:
-    states initialised at zero make the first step's rate singular (e.g. p = lr/eps)."""
-    return 1 if opt.state_names else 0
-
-
-@in_float64
 def run_stable(
     opt: Optimizer,
     problem: Problem,
     config: RunConfig = RunConfig(),
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
+    *,
+    store: CheckpointStore | None = None,
+    resume: bool = False,
+    should_stop=None,
 ) -> RunResult:
-    n_steps = config.steps
-    start = default_start(opt) if config.start_step is None else config.start_step
-    disc = DiscreteProcess(opt, problem, problem.w0)
-    t_disc = t_flow = t_eig = 0.0
-    if start:
-        disc.advance(start)
-    stable = StableFlow(
-        opt, problem, disc.w, disc.state, disc.t, rtol=config.rtol, atol=config.atol
-    )
-    meters = {"discrete": SharpnessMeter(opt, problem), "stable": SharpnessMeter(opt, problem)}
-    w_start = disc.w
-    T = n_steps + 1
-    series = {
-        k: np.full(T, np.nan)
-        for k in (
-            "step",
-            "loss_discrete",
-            "loss_stable",
-            "grad_norm_discrete",
-            "grad_norm_stable",
-            "sharpness_discrete",
-            "sharpness_stable",
-            "distance",
-            "distance_travelled",
-        )
-    }
-    series["step"] = np.arange(T, dtype=float)
-    L0 = float(problem.loss(problem.w0))
-    series["loss_discrete"][0] = L0
-    t = start
-    while t < n_steps:
-        K = min(config.chunk, n_steps - t)
-        tic = time.perf_counter()
-        cd = disc.advance(K)
-        jax.block_until_ready(cd.w)
-        t_disc += time.perf_counter() - tic
-        tic = time.perf_counter()
-        cs = stable.advance(K)
-        jax.block_until_ready(cs.w)
-        t_flow += time.perf_counter() - tic
-        idx = np.arange(t + 1, t + K + 1)
-        series["loss_discrete"][idx] = cd.loss
-        series["loss_stable"][idx] = cs.loss
-        series["grad_norm_discrete"][idx] = cd.grad_norm
-        series["grad_norm_stable"][idx] = cs.grad_norm
-        series["distance"][idx] = np.asarray(jnp.linalg.norm(cd.w - cs.w, axis=1))
-        series["distance_travelled"][idx] = np.asarray(jnp.linalg.norm(cd.w - w_start, axis=1))
-        tic = time.perf_counter()
-        for j, step in enumerate(idx):
-            if step % config.eig_every == 0 or step == n_steps:
-                for name, chunk in (("discrete", cd), ("stable", cs)):
-                    st = jax.tree_util.tree_map(lambda a, j=j: a[j], chunk.states)
-                    series[f"sharpness_{name}"][step] = meters[name](chunk.w[j], st, float(step))
-        t_eig += time.perf_counter() - tic
-        t += K
-        if progress:
-            progress(t, n_steps)
-    if start:
-        series["loss_stable"][: start + 1] = np.nan
-        series["loss_stable"][start] = series["loss_discrete"][start] if start else np.nan
+    """The discrete optimizer and its stable flow in lockstep from ``start_step``."""
+
+    def stable(w, s, t):
+        return StableFlow(opt, problem, w, s, t, rtol=config.rtol, atol=config.atol)
+
+    exp = Experiment(
+        opt,
+        problem,
+        steps=config.steps,
+        flows=(FlowLane("stable", stable, measure_sharpness=True),),
+        start=config.start_step,
+        chunk=config.chunk,
+        eig_every=config.eig_every,
+        store=store,
+        resume=resume,
+        progress=progress,
+        should_stop=should_stop,
+    ).run()
+    series = dict(exp.series.arrays())
+    for key in ("loss_stable", "grad_norm_stable", "sharpness_discrete", "sharpness_stable"):
+        series.setdefault(key, np.full(config.steps + 1, np.nan))
+    series["distance"] = exp.series["distance_stable"]
+    series.setdefault("distance_travelled", np.full(config.steps + 1, np.nan))
+    stable_proc = exp.procs.get("stable")
+    t = exp.timings
     return RunResult(
         optimizer=opt.name,
         problem=problem.name,
@@ -139,15 +100,18 @@ def run_stable(
         config=config,
         series=series,
         timings={
-            "discrete_s": t_disc,
-            "stable_s": t_flow,
-            "sharpness_s": t_eig,
-            "stable_solver_steps": stable.n_steps,
+            "discrete_s": t.get("discrete_s", 0.0),
+            "stable_s": t.get("stable_s", 0.0),
+            "sharpness_s": t.get("sharpness_s", 0.0),
+            "stable_solver_steps": getattr(stable_proc, "n_steps", 0),
         },
-        w_final={"discrete": np.asarray(disc.w), "stable": np.asarray(stable.w)},
+        w_final={
+            "discrete": np.asarray(exp.discrete.w),
+            **({"stable": np.asarray(stable_proc.w)} if stable_proc is not None else {}),
+        },
         info={
-            "start_step": start,
-            "n_params": int(problem.w0.shape[0]),
-            "stable_solver": stable.solver_name,
+            "start_step": exp.flow_start,
+            "n_params": int(problem.n),
+            "stable_solver": getattr(stable_proc, "solver_name", None),
         },
     )

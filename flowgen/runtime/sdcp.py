@@ -188,7 +188,9 @@ def _solve_qp(prob: SDCPProblem, L: np.ndarray, A: np.ndarray, tol: float):
             else {"eps_abs": max(tol, 1e-10), "eps_rel": max(tol, 1e-10), "max_iters": 100_000}
         )
         try:
-            prob.problem.solve(solver=solver, **opts)
+            # no warm start: a solve must not depend on the previous one (resumed runs
+            # reproduce uninterrupted ones exactly)
+            prob.problem.solve(solver=solver, warm_start=False, **opts)
             status = prob.problem.status
         except cp.error.SolverError as e:
             status = f"solver error: {e}"

@@ -1,12 +1,13 @@
 """``flowgen validate``: the central flow against the discrete optimizer
 (``central-flows.md`` §5).
 
-The discrete optimizer runs first (its iterates and states are kept, and its
-effective sharpness measured every ``eig_every`` steps), which fixes the edge
+The discrete optimizer, the central flow and the stable flow run in lockstep
+(:class:`~flowgen.runtime.loop.Experiment`, checkpointed every chunk). The
+discrete effective sharpness, measured every ``eig_every`` steps, fixes the edge
 of stability (``eos_start``: first step with sharpness ≥ 0.95·c) and, with
-``restart_at="auto"``, the restart point (``eos_start + 100``). The central
-and the stable flow then start from the discrete iterate and state there (or
-from the common start) and are compared with it step by step.
+``restart_at="auto"``, the restart point (``eos_start + 100``). The two flows
+start from the discrete iterate and state there (or from the common start) and
+are compared with it step by step.
 
 Summary (``report.json``):
 
@@ -23,21 +24,28 @@ Summary (``report.json``):
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flowgen.errors import UsageError
-from flowgen.precision import in_float64
 from flowgen.runtime.central import CentralConfig, CentralFlow
+from flowgen.runtime.checkpoint import CheckpointStore
+from flowgen.runtime.loop import Experiment, FlowLane, Progress, first_crossing
 from flowgen.runtime.optimizer import Optimizer
 from flowgen.runtime.problems import Problem
-from flowgen.runtime.processes import DiscreteProcess, SharpnessMeter, StableFlow
-from flowgen.runtime.run import default_start
+from flowgen.runtime.processes import StableFlow
+from flowgen.runtime.series import json_values
+
+__all__ = [
+    "ValidateConfig",
+    "ValidationResult",
+    "centred_window",
+    "first_crossing",
+    "interp_nan",
+    "summarise",
+    "validate",
+]
 
 PASS_CENTRAL = 0.10  # central_distance_rel at most this
 PASS_RATIO = 3.0  # stable_distance_rel at least this multiple of central
@@ -71,9 +79,6 @@ class ValidationResult:
     timings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        def clean(v):
-            return [None if not np.isfinite(x) else float(x) for x in np.asarray(v, float)]
-
         cfg = asdict(self.config)
         return {
             "config": cfg,
@@ -85,7 +90,7 @@ class ValidationResult:
             "flow_start": self.start,
             "summary": self.summary,
             "timings": self.timings,
-            "series": {k: clean(v) for k, v in self.series.items()},
+            "series": {k: json_values(v) for k, v in self.series.items()},
         }
 
 
@@ -112,186 +117,79 @@ def interp_nan(x: np.ndarray) -> np.ndarray:
     return y
 
 
-def first_crossing(sharp: np.ndarray, level: float) -> int | None:
-    """First step at which the sharpness reaches ``level`` from below.
-
-    Adaptive optimizers start with a preconditioner state near 0 (``v = 0``),
-    so their effective sharpness is huge for the first steps; that warm-up is
-    not the edge of stability, which is reached by progressive sharpening."""
-    below = np.isfinite(sharp) & (sharp < level)
-    if not below.any():
-        return None
-    first_below = int(np.argmax(below))
-    above = np.nonzero((np.arange(len(sharp)) > first_below) & (sharp >= level))[0]
-    return int(above[0]) if len(above) else None
-
-
-@in_float64
 def validate(
     opt: Optimizer,
     problem: Problem,
     config: ValidateConfig = ValidateConfig(),
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
+    *,
+    store: CheckpointStore | None = None,
+    resume: bool = False,
+    should_stop=None,
 ) -> ValidationResult:
-    N = config.steps
+    """The discrete optimizer, its central flow and its stable flow, in lockstep
+    (:class:`~flowgen.runtime.loop.Experiment`), then the summary."""
     c = opt.threshold
     if c is None:
         raise UsageError(f"{opt.name} has no stability threshold, so nothing to validate against")
-    prog = progress or (lambda *a: None)
-    timings = {}
-
-    # 1. the discrete run, kept whole
-    tic = time.perf_counter()
-    disc = DiscreteProcess(opt, problem, problem.w0)
-    W = np.zeros((N + 1, problem.n))
-    W[0] = np.asarray(problem.w0)
-    loss_d = np.full(N + 1, np.nan)
-    gn_d = np.full(N + 1, np.nan)
-    loss_d[0] = float(problem.loss(problem.w0))
-    gn_d[0] = float(jnp.linalg.norm(jax.grad(problem.loss)(problem.w0)))
-    state_traj = {}
-    t = 0
-    while t < N:
-        K = min(config.chunk, N - t)
-        ch = disc.advance(K)
-        W[t + 1 : t + K + 1] = np.asarray(ch.w)
-        loss_d[t + 1 : t + K + 1] = ch.loss
-        gn_d[t + 1 : t + K + 1] = ch.grad_norm
-        for name, arr in ch.states.items():
-            state_traj.setdefault(name, []).append(np.asarray(arr))
-        t += K
-        prog("discrete", t, N)
-    state_traj = {k: np.concatenate(v) for k, v in state_traj.items()}
-    init_state = {k: np.asarray(v) for k, v in opt.init(jnp.asarray(problem.w0)).items()}
-
-    def state_at(step):
-        if step == 0:
-            return {k: jnp.asarray(v) for k, v in init_state.items()}
-        return {k: jnp.asarray(v[step - 1]) for k, v in state_traj.items()}
-
-    timings["discrete_s"] = time.perf_counter() - tic
-
-    tic = time.perf_counter()
-    meter = SharpnessMeter(opt, problem)
-    sharp_d = np.full(N + 1, np.nan)
-    first = max(1, default_start(opt))
-    for step in range(first, N + 1):
-        if step % config.eig_every == 0 or step == N:
-            sharp_d[step] = meter(jnp.asarray(W[step]), state_at(step), float(step))
-        if step % config.chunk == 0:
-            prog("sharpness", step, N)
-    timings["discrete_sharpness_s"] = time.perf_counter() - tic
-    eos_start = first_crossing(sharp_d, config.eos_frac * c)
-
-    # 2. where the flows start
-    if config.restart_at is None:
-        start, restart = default_start(opt), None
-    elif config.restart_at == "auto":
-        if eos_start is None:
-            start, restart = default_start(opt), None
-        else:
-            restart = eos_start + config.auto_delay
-            start = restart
-    else:
-        restart = int(config.restart_at)
-        start = restart
-    if start >= N:
-        raise UsageError(
-            f"the flows would start at step {start}, at or after the last step {N}",
-            hint="run more --steps (≥ 400 after the restart is recommended) or restart earlier",
-        )
-
-    # 3. the two flows from there, in lockstep
-    w0, s0 = jnp.asarray(W[start]), state_at(start)
-    central = CentralFlow(opt, problem, w0, s0, start, config.central)
-    stable = StableFlow(opt, problem, w0, s0, start)
-    smeter = SharpnessMeter(opt, problem)
-    nan = lambda: np.full(N + 1, np.nan)  # noqa: E731
-    ser = {
-        k: nan()
-        for k in (
-            "loss_central",
-            "loss_pred",
-            "loss_stable",
-            "sharpness_central",
-            "sharpness_stable",
-            "distance_central",
-            "distance_stable",
-            "n_crit",
-            "grad_norm_pred",
-            "grad_norm_stable",
-            "sigma_pred",
-            "sigma_meas",
-            "X_trace",
-        )
-    }
-    t_c = t_s = 0.0
-    t = start
-    while t < N:
-        K = min(config.chunk, N - t)
-        tic = time.perf_counter()
-        cc = central.advance(K)  # records at t .. t+K-1
-        t_c += time.perf_counter() - tic
-        tic = time.perf_counter()
-        sc = stable.advance(K)  # values at t+1 .. t+K
-        t_s += time.perf_counter() - tic
-        idx_c = np.arange(t, t + K)
-        ser["loss_central"][idx_c] = cc.loss
-        ser["loss_pred"][idx_c] = cc.loss_pred
-        ser["sharpness_central"][idx_c] = cc.sharpness
-        ser["n_crit"][idx_c] = cc.n_crit
-        ser["grad_norm_pred"][idx_c] = cc.grad_norm_pred
-        wc = np.asarray(cc.w)
-        ser["distance_central"][idx_c] = np.linalg.norm(W[idx_c] - wc, axis=1)
-        for j, step in enumerate(idx_c):
-            k = cc.X[j].shape[0]
-            ser["X_trace"][step] = float(np.trace(cc.X[j])) if k else 0.0
-            if k:
-                q = cc.Q_crit[j][:, 0]
-                delta = (W[step] - wc[j]) / np.sqrt(cc.p[j])
-                ser["sigma_pred"][step] = float(cc.X[j][0, 0])
-                ser["sigma_meas"][step] = float(np.dot(q, delta) ** 2)
-        idx_s = np.arange(t + 1, t + K + 1)
-        ser["loss_stable"][idx_s] = sc.loss
-        ser["grad_norm_stable"][idx_s] = sc.grad_norm
-        ws = np.asarray(sc.w)
-        ser["distance_stable"][idx_s] = np.linalg.norm(W[idx_s] - ws, axis=1)
-        tic = time.perf_counter()
-        for j, step in enumerate(idx_s):
-            if step % config.eig_every == 0 or step == N:
-                st = jax.tree_util.tree_map(lambda a, j=j: a[j], sc.states)
-                ser["sharpness_stable"][step] = smeter(sc.w[j], st, float(step))
-        t_s += time.perf_counter() - tic
-        t += K
-        prog("flows", t - start, N - start)
-    # the final central iterate at N
-    ser["distance_central"][N] = float(np.linalg.norm(W[N] - np.asarray(central.w)))
-    ser["distance_central"][start] = ser["distance_stable"][start] = 0.0
-    timings.update(
-        central_s=t_c,
-        stable_s=t_s,
-        central_split=dict(central.timings),
-        central_per_step_s=t_c / max(N - start, 1),
+    flows = (
+        FlowLane(
+            "central",
+            lambda w, s, t: CentralFlow(opt, problem, w, s, t, config.central),
+            rename={
+                "loss_pred": "loss_pred",
+                "grad_norm_pred": "grad_norm_pred",
+                "n_crit": "n_crit",
+                "X_trace": "X_trace",
+                "sigma_pred": "sigma_pred",
+            },
+        ),
+        FlowLane(
+            "stable", lambda w, s, t: StableFlow(opt, problem, w, s, t), measure_sharpness=True
+        ),
     )
-
-    travelled = np.linalg.norm(W - W[start], axis=1)
-    series = {
-        "step": np.arange(N + 1, dtype=float),
-        "loss_discrete": loss_d,
-        "loss_discrete_window": centred_window(loss_d, config.window),
-        "grad_norm_discrete": gn_d,
-        "sharpness_discrete": sharp_d,
-        "distance_travelled": travelled,
-        **ser,
+    exp = Experiment(
+        opt,
+        problem,
+        steps=config.steps,
+        flows=flows,
+        start=config.restart_at,
+        chunk=config.chunk,
+        eig_every=config.eig_every,
+        eos_frac=config.eos_frac,
+        eos_delay=config.auto_delay,
+        store=store,
+        resume=resume,
+        progress=progress,
+        should_stop=should_stop,
+    ).run()
+    N, start = config.steps, exp.flow_start
+    series = dict(exp.series.arrays())
+    series["loss_discrete_window"] = centred_window(series["loss_discrete"], config.window)
+    for key in (
+        "loss_central", "loss_pred", "loss_stable", "sharpness_central", "sharpness_stable",
+        "distance_central", "distance_stable", "n_crit", "grad_norm_pred", "grad_norm_stable",
+        "sigma_pred", "sigma_meas", "X_trace", "distance_travelled",
+    ):  # fmt: skip
+        series.setdefault(key, np.full(N + 1, np.nan))
+    summary = summarise(series, c, N, start, exp.eos_start, exp.restart_at, config)
+    t = exp.timings
+    central = exp.procs.get("central")
+    timings = {
+        "discrete_s": t.get("discrete_s", 0.0),
+        "discrete_sharpness_s": t.get("sharpness_s", 0.0),
+        "central_s": t.get("central_s", 0.0),
+        "stable_s": t.get("stable_s", 0.0),
+        "central_split": dict(central.timings) if central is not None else {},
+        "central_per_step_s": t.get("central_s", 0.0) / max(N - start, 1),
     }
-    summary = summarise(series, c, N, start, eos_start, restart, config)
     return ValidationResult(
         optimizer=opt.name,
         problem=problem.name,
         threshold=float(c),
         config=config,
-        eos_start=eos_start,
-        restart_at=restart,
+        eos_start=exp.eos_start,
+        restart_at=exp.restart_at,
         start=start,
         summary=summary,
         series=series,

@@ -1,0 +1,513 @@
+"""The one process loop: the discrete optimizer and its flows, in lockstep, recorded and resumable.
+
+Every command that simulates (``run``, ``validate``, ``explain``, ``sweep``) is
+the same experiment: the discrete optimizer runs from step 0; one or more flows
+(stable, central, stationary, …) start from the discrete iterate and state at a
+step ``S`` and run alongside it to step ``N``. :class:`Experiment` does that once,
+for every command:
+
+* **one time convention** — a process at time ``t`` holds its value after ``t``
+  steps (one unit of flow time = one step); the step counter its update reads is
+  ``t + 1``; a chunk of ``K`` steps yields the values at ``t+1 … t+K``;
+* **one recorder** — :class:`~flowgen.runtime.series.Series` on ``0 … N``;
+* **one progress type** — ``progress(phase, done, total)``;
+* **one checkpoint** — after every chunk, atomically
+  (:class:`~flowgen.runtime.checkpoint.CheckpointStore`); ``resume=True``
+  continues from the last complete chunk, and the result equals an
+  uninterrupted run's;
+* **one way to stop** — ``should_stop()`` is polled after each checkpoint
+  (the CLI sets it on SIGINT) and raises :class:`Interrupted`.
+
+The start ``S`` is a step, or ``"auto"``: ``eos_delay`` steps after the discrete
+effective sharpness first reaches ``eos_frac·c`` from below (``eos_start``).
+When ``"auto"`` finds no edge of stability by step ``N``, the flows are run from
+the common start instead (a second pass, recorded as ``restart_at = None``).
+
+Series recorded (names are part of the output interface):
+
+* ``loss_discrete``, ``grad_norm_discrete``, ``sharpness_discrete`` (every
+  ``eig_every`` steps), ``hmean_discrete`` (harmonic mean of the effective step
+  sizes, ``n / Σ 1/p_i``);
+* per flow ``F``: what its chunks report, renamed by the lane (``loss_F``,
+  ``grad_norm_F``, …), ``sharpness_F`` (measured here unless the flow reports
+  it), ``distance_F = ‖w_disc − w_F‖``;
+* ``distance_travelled = ‖w_disc − w_disc(S)‖`` from ``S`` on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flowgen.errors import FlowgenError, UsageError
+from flowgen.precision import in_float64
+from flowgen.runtime.checkpoint import CheckpointStore
+from flowgen.runtime.optimizer import Optimizer
+from flowgen.runtime.problems import Problem
+from flowgen.runtime.processes import DiscreteProcess, SharpnessMeter
+from flowgen.runtime.series import Series
+
+__all__ = [
+    "Experiment",
+    "FlowLane",
+    "Interrupted",
+    "Progress",
+    "Rows",
+    "first_crossing",
+    "default_start",
+    "no_progress",
+]
+
+Progress = Callable[[str, int, int], None]
+"""``progress(phase, done, total)``: one call per chunk (``phase`` names what runs)."""
+
+
+def no_progress(phase: str, done: int, total: int) -> None:
+    return None
+
+
+class Interrupted(FlowgenError):
+    """The run was asked to stop (SIGINT); its checkpoint is complete and resumable."""
+
+    kind = "interrupted"
+    exit_code = 130
+
+    def __init__(self, step: int, directory=None):
+        where = f" in {directory}" if directory else ""
+        super().__init__(
+            f"stopped at step {step}; the checkpoint{where} is complete",
+            hint="rerun the same command with --resume to continue",
+        )
+        self.step = step
+
+
+class Process(Protocol):
+    """What the loop needs of a process (discrete optimizer or flow)."""
+
+    t: int | float
+    w: jax.Array
+    state: dict
+
+    def advance(self, K: int) -> Any: ...
+    def snapshot(self) -> dict[str, np.ndarray]: ...
+    def restore(self, snap: dict[str, np.ndarray]) -> None: ...
+
+
+@dataclass
+class Rows:
+    """One chunk of a process, in the loop's terms: values at ``steps``."""
+
+    steps: np.ndarray  # (K,) integer times
+    w: jax.Array  # (K, n)
+    states: dict  # name -> (K, ...)
+    series: dict[str, np.ndarray]  # name -> (K,) scalars the process reports
+    extra: dict = field(default_factory=dict)  # per-row arrays (e.g. central: q1, p)
+
+
+def rows_of(chunk, t0: int) -> Rows:
+    """Normalise a process chunk (the loop's adapter to each process's chunk type)."""
+    if hasattr(chunk, "steps") and hasattr(chunk, "series"):
+        extra = {k: getattr(chunk, k) for k in ("q1", "p", "X") if hasattr(chunk, k)}
+        return Rows(np.asarray(chunk.steps, int), chunk.w, chunk.states, chunk.series, extra)
+    K = int(np.asarray(chunk.loss).shape[0])
+    if hasattr(chunk, "loss_pred"):  # CentralChunk: records at t0 .. t0+K-1
+        steps = t0 + np.arange(K)
+        series = {
+            "loss": chunk.loss,
+            "loss_pred": chunk.loss_pred,
+            "grad_norm": chunk.grad_norm,
+            "grad_norm_pred": chunk.grad_norm_pred,
+            "sharpness": chunk.sharpness,
+            "n_crit": chunk.n_crit,
+            "X_trace": np.array([float(np.trace(x)) if x.size else 0.0 for x in chunk.X]),
+            "sigma_pred": np.array([float(x[0, 0]) if x.size else np.nan for x in chunk.X]),
+        }
+        q1 = np.stack(
+            [q[:, 0] if q.shape[1] else np.zeros(q.shape[0]) for q in chunk.Q_crit]
+        )  # (K, n)
+        extra = {"q1": q1, "p": np.stack(chunk.p), "X": chunk.X}
+        return Rows(steps, chunk.w, chunk.states, series, extra)
+    steps = t0 + 1 + np.arange(K)
+    return Rows(steps, chunk.w, chunk.states, {"loss": chunk.loss, "grad_norm": chunk.grad_norm})
+
+
+def first_crossing(sharp: np.ndarray, level: float) -> int | None:
+    """First step at which the sharpness reaches ``level`` from below.
+
+    Adaptive optimizers start with a preconditioner state near 0 (``v = 0``),
+    so their effective sharpness is huge for the first steps; that warm-up is
+    not the edge of stability, which is reached by progressive sharpening."""
+    below = np.isfinite(sharp) & (sharp < level)
+    if not below.any():
+        return None
+    first_below = int(np.argmax(below))
+    above = np.nonzero((np.arange(len(sharp)) > first_below) & (sharp >= level))[0]
+    return int(above[0]) if len(above) else None
+
+
+def default_start(opt: Optimizer) -> int:
+    """Flows start after the first discrete step when the optimizer has state:
+    states initialised at zero make the first step's rate singular (e.g. p = lr/eps)."""
+    return 1 if opt.state_names else 0
+
+
+FlowFactory = Callable[[jax.Array, dict, int], Process]
+
+
+@dataclass(frozen=True)
+class FlowLane:
+    """A flow in the experiment.
+
+    Attributes:
+      name: the lane's name; series are suffixed with it (``loss_<name>``).
+      make: ``make(w, state, t)`` builds the process at its start.
+      rename: chunk series key → recorded series name (default ``<key>_<name>``).
+      measure_sharpness: measure ``λ_max(P⁻¹H)`` here every ``eig_every`` steps
+        (False when the process reports ``sharpness`` itself).
+      label: phase label for progress and timings.
+    """
+
+    name: str
+    make: FlowFactory
+    rename: dict = field(default_factory=dict)
+    measure_sharpness: bool = False
+    label: str = ""
+
+
+def _tree_rows(tree, j):
+    return jax.tree_util.tree_map(lambda a: a[j], tree)
+
+
+def _flatten(prefix: str, tree) -> dict[str, np.ndarray]:
+    return {prefix + k: np.asarray(v) for k, v in tree.items()}
+
+
+def _unflatten(prefix: str, arrays: dict) -> dict:
+    return {k[len(prefix) :]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def _sub(prefix: str, arrays: dict) -> dict:
+    return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def _snap(proc) -> dict[str, np.ndarray]:
+    """A process's snapshot (interim fallback for processes without ``snapshot``)."""
+    if hasattr(proc, "snapshot"):
+        return proc.snapshot()
+    out = {"w": np.asarray(proc.w), "t": np.asarray(proc.t)}
+    out.update({f"state/{k}": np.asarray(v) for k, v in proc.state.items()})
+    eig = getattr(proc, "eig", None)
+    if eig is not None:
+        out["eig/vals"], out["eig/vecs"] = np.asarray(eig.vals), np.asarray(eig.vecs)
+    if hasattr(proc, "_key"):
+        out["key"] = np.asarray(proc._key)
+    return out
+
+
+def _restore(proc, snap: dict[str, np.ndarray]) -> None:
+    if hasattr(proc, "restore"):
+        proc.restore(snap)
+        return
+    from flowgen.runtime.eigen import EigState
+
+    proc.w = jnp.asarray(snap["w"])
+    proc.t = type(proc.t)(snap["t"])
+    proc.state = {k[6:]: jnp.asarray(v) for k, v in snap.items() if k.startswith("state/")}
+    if "eig/vecs" in snap:
+        proc.eig = EigState(jnp.asarray(snap["eig/vals"]), jnp.asarray(snap["eig/vecs"]))
+    if "key" in snap:
+        proc._key = jnp.asarray(snap["key"])
+
+
+class Experiment:
+    """The discrete optimizer from step 0 and flows from step ``start``, in lockstep.
+
+    Args:
+      opt, problem: what runs.
+      steps: ``N``, the last step.
+      flows: the flow lanes (may be empty: a discrete run alone).
+      start: ``None`` (the common start, :func:`default_start`), a step, or ``"auto"``.
+      chunk: steps per chunk (progress and checkpoint granularity).
+      eig_every: discrete (and measured flows') effective sharpness every K steps.
+      eos_frac, eos_delay: the edge of stability and the ``"auto"`` restart.
+      hmean: record the harmonic mean of the discrete effective step sizes.
+      store: a :class:`CheckpointStore` (checkpoint after every chunk) or None.
+      resume: continue from ``store``'s checkpoint.
+      progress: ``progress(phase, done, total)``.
+      should_stop: polled after every checkpoint; True raises :class:`Interrupted`.
+      after_chunk: ``after_chunk(experiment, rows_by_lane)`` — extra recording.
+    """
+
+    @in_float64
+    def __init__(
+        self,
+        opt: Optimizer,
+        problem: Problem,
+        *,
+        steps: int,
+        flows: tuple[FlowLane, ...] = (),
+        start: int | str | None = None,
+        chunk: int = 25,
+        eig_every: int = 1,
+        eos_frac: float = 0.95,
+        eos_delay: int = 100,
+        hmean: bool = True,
+        store: CheckpointStore | None = None,
+        resume: bool = False,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        after_chunk: Callable[[Experiment, dict[str, Rows]], None] | None = None,
+    ):
+        if steps < 1 or chunk < 1 or eig_every < 1:
+            raise UsageError("steps, chunk and eig_every must be positive integers")
+        self.opt, self.problem = opt, problem
+        self.N, self.chunk, self.eig_every = int(steps), int(chunk), int(eig_every)
+        self.flows = {lane.name: lane for lane in flows}
+        self.mode = "auto" if start == "auto" else ("common" if start is None else "fixed")
+        self.eos_frac, self.eos_delay = float(eos_frac), int(eos_delay)
+        self.hmean = hmean
+        self.store, self.resume = store, resume
+        self.progress = progress or no_progress
+        self.should_stop = should_stop or (lambda: False)
+        self.after_chunk = after_chunk
+        self.threshold = opt.threshold
+        self.timings: dict[str, float] = {}
+        if self.mode == "fixed":
+            self.fixed_start = int(start)
+            if self.fixed_start < 0:
+                raise UsageError(f"the flows cannot start at a negative step ({start})")
+            self._check_start(self.fixed_start)
+        self._hm = jax.jit(
+            jax.vmap(lambda w, s, t: w.shape[0] / jnp.sum(1.0 / opt.effective_step(w, s, t)))
+        )
+        self._reset(pass_=1)
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_start(self, start: int) -> None:
+        if start >= self.N:
+            raise UsageError(
+                f"the flows would start at step {start}, at or after the last step {self.N}",
+                hint="run more --steps (≥ 400 after the restart is recommended) or restart earlier",
+            )
+
+    def _reset(self, pass_: int) -> None:
+        self.pass_ = pass_
+        self.t = 0
+        self.series = Series(self.N)
+        self.eos_start: int | None = None
+        if pass_ == 2 or self.mode == "common":
+            self.start: int | None = default_start(self.opt)
+            self.restart_at = None
+        elif self.mode == "fixed":
+            self.start, self.restart_at = self.fixed_start, self.fixed_start
+        else:
+            self.start = self.restart_at = None
+        self.discrete = DiscreteProcess(self.opt, self.problem, self.problem.w0)
+        self.procs: dict[str, Process] = {}
+        self.meters = {"discrete": SharpnessMeter(self.opt, self.problem)}
+        for name, lane in self.flows.items():
+            if lane.measure_sharpness:
+                self.meters[name] = SharpnessMeter(self.opt, self.problem)
+        self.w_start = None
+        self.s_start = None
+        self.series.put("loss_discrete", 0, float(self.problem.loss(self.problem.w0)))
+        self.series.put(
+            "grad_norm_discrete",
+            0,
+            float(jnp.linalg.norm(jax.grad(self.problem.loss)(self.problem.w0))),
+        )
+        if self.hmean:
+            s0 = jax.tree_util.tree_map(lambda a: a[None], self.discrete.state)
+            self.series.put(
+                "hmean_discrete", 0, float(self._hm(self.problem.w0[None], s0, jnp.ones(1))[0])
+            )
+
+    # -------------------------------------------------------------- checkpoint
+
+    def _save(self) -> None:
+        if self.store is None:
+            return
+        state = {
+            "t": self.t,
+            "pass": self.pass_,
+            "start": self.start,
+            "restart_at": self.restart_at,
+            "eos_start": self.eos_start,
+            "lanes": sorted(self.procs),
+            "timings": self.timings,
+        }
+        arrays = self.series.snapshot()
+        arrays.update(_flatten("discrete/", self.discrete.snapshot()))
+        for name, proc in self.procs.items():
+            arrays.update(_flatten(f"lane/{name}/", _snap(proc)))
+        for name, meter in self.meters.items():
+            arrays.update(_flatten(f"meter/{name}/", meter.snapshot()))
+        if self.w_start is not None:
+            arrays["start/w"] = np.asarray(self.w_start)
+            arrays.update(_flatten("start/state/", self.s_start))
+        self.store.save(state, arrays)
+
+    def _load(self) -> None:
+        state, arrays = self.store.load()
+        self._reset(pass_=int(state["pass"]))
+        self.t = int(state["t"])
+        self.start, self.restart_at = state["start"], state["restart_at"]
+        self.eos_start = state["eos_start"]
+        self.timings = dict(state.get("timings", {}))
+        self.series = Series.restore(self.N, arrays)
+        self.discrete.restore(_sub("discrete/", arrays))
+        for name, meter in self.meters.items():
+            meter.restore(_sub(f"meter/{name}/", arrays))
+        if "start/w" in arrays:
+            self.w_start = jnp.asarray(arrays["start/w"])
+            self.s_start = _unflatten("start/state/", arrays)
+        for name in state["lanes"]:
+            if name not in self.flows:
+                raise UsageError(f"--resume: the checkpoint has a flow `{name}` this run does not")
+            proc = self.flows[name].make(self.w_start, self.s_start, int(self.start))
+            _restore(proc, _sub(f"lane/{name}/", arrays))
+            self.procs[name] = proc
+
+    # -------------------------------------------------------------------- run
+
+    def _tick(self, key: str, tic: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - tic
+
+    def _start_flows(self) -> None:
+        """Start every flow from the discrete iterate and state at ``self.t``."""
+        self.w_start, self.s_start = self.discrete.w, dict(self.discrete.state)
+        for name, lane in self.flows.items():
+            tic = time.perf_counter()
+            self.procs[name] = lane.make(self.w_start, self.s_start, self.t)
+            self._tick(f"{name}_s", tic)
+        self.series.put("distance_travelled", self.t, 0.0)
+        for name in self.flows:
+            self.series.put(f"distance_{name}", self.t, 0.0)
+            self.series.put(f"loss_{name}", self.t, self.series["loss_discrete"][self.t])
+
+    def _next_chunk(self) -> int:
+        K = min(self.chunk, self.N - self.t)
+        if self.start is not None and self.start > self.t:
+            K = min(K, self.start - self.t)
+        if self.mode == "auto" and self.start is None and self.pass_ == 1:
+            K = min(K, max(self.eos_delay, 1))  # never step past a restart found in this chunk
+        return K
+
+    @in_float64
+    def run(self) -> Experiment:
+        """Advance everything to step ``N`` (or resume and finish); returns ``self``."""
+        if self.resume and self.store is not None and self.store.exists():
+            self._load()
+        elif self.resume:
+            self.store.load()  # raises the "no checkpoint" error
+        while True:
+            if self.start == self.t and not self.procs and self.t < self.N:
+                self._start_flows()
+            while self.t < self.N:
+                self._step(self._next_chunk())
+                if self.start == self.t and not self.procs and self.t < self.N:
+                    self._start_flows()
+                self._save()
+                if self.should_stop():
+                    raise Interrupted(self.t, self.store.directory if self.store else None)
+            if self.mode == "auto" and self.pass_ == 1 and self.start is None and self.flows:
+                self._reset(pass_=2)  # no edge of stability: the flows from the common start
+                continue
+            self._finish()
+            return self
+
+    def _finish(self) -> None:
+        """Values at ``N`` of flows whose chunks record at the start of each unit."""
+        for name, proc in self.procs.items():
+            key = f"distance_{name}"
+            if not np.isfinite(self.series[key][self.N]):
+                self.series.put(key, self.N, float(jnp.linalg.norm(self.discrete.w - proc.w)))
+
+    def _step(self, K: int) -> None:
+        t0, N = self.t, self.N
+        phase = "discrete" if not self.procs else "flows"
+        rows: dict[str, Rows] = {}
+        w_before = {"discrete": self.discrete.w}
+        tic = time.perf_counter()
+        rows["discrete"] = rows_of(self.discrete.advance(K), t0)
+        self._tick("discrete_s", tic)
+        for name, proc in self.procs.items():
+            w_before[name] = proc.w
+            tic = time.perf_counter()
+            rows[name] = rows_of(proc.advance(K), t0)
+            self._tick(f"{name}_s", tic)
+        self.t = t0 + K
+        self._record(rows, w_before, t0)
+        if self.after_chunk is not None:
+            self.after_chunk(self, rows)
+        if self.mode == "auto" and self.start is None and self.pass_ == 1:
+            c = self.threshold
+            eos = first_crossing(self.series["sharpness_discrete"][: self.t + 1], self.eos_frac * c)
+            if eos is not None:
+                self.eos_start = eos
+                self.start = self.restart_at = eos + self.eos_delay
+                self._check_start(self.start)
+        elif self.eos_start is None and self.threshold is not None:
+            self.eos_start = first_crossing(
+                self.series["sharpness_discrete"][: self.t + 1], self.eos_frac * self.threshold
+            )
+        done, total = (self.t, N) if phase == "discrete" else (self.t - self.start, N - self.start)
+        self.progress(phase, done, total)
+
+    def _record(self, rows: dict[str, Rows], w_before: dict, t0: int) -> None:
+        ser, N = self.series, self.N
+        d = rows["discrete"]
+        ser.put("loss_discrete", d.steps, d.series["loss"])
+        ser.put("grad_norm_discrete", d.steps, d.series["grad_norm"])
+        if self.hmean:
+            ser.put(
+                "hmean_discrete",
+                d.steps,
+                np.asarray(self._hm(d.w, d.states, jnp.asarray(d.steps + 1.0))),
+            )
+        # the discrete iterate at t0 .. t0+K (a flow's rows may include t0)
+        W = jnp.concatenate([w_before["discrete"][None], d.w])  # (K+1, n)
+        # sharpness, every eig_every steps (and at N)
+        tic = time.perf_counter()
+        for name, meter in self.meters.items():
+            r = d if name == "discrete" else rows.get(name)
+            if r is None:
+                continue
+            for j, step in enumerate(r.steps):
+                if step % self.eig_every == 0 or step == N:
+                    val = meter(r.w[j], _tree_rows(r.states, j), float(step + 1))
+                    ser.put(f"sharpness_{name}", step, val)
+        self._tick("sharpness_s", tic)
+        if self.w_start is not None:
+            ser.put(
+                "distance_travelled",
+                d.steps,
+                np.asarray(jnp.linalg.norm(d.w - self.w_start[None], axis=1)),
+            )
+        for name, r in rows.items():
+            if name == "discrete":
+                continue
+            lane = self.flows[name]
+            for key, vals in r.series.items():
+                ser.put(lane.rename.get(key, f"{key}_{name}"), r.steps, vals)
+            Wd = W[r.steps - t0]
+            ser.put(f"distance_{name}", r.steps, np.asarray(jnp.linalg.norm(Wd - r.w, axis=1)))
+            if "q1" in r.extra and "sigma_pred" in r.series:
+                # Σ measured along the top critical direction: ⟨δ, u₁⟩² in P's metric
+                delta = (Wd - r.w) / jnp.sqrt(jnp.asarray(r.extra["p"]))
+                meas = np.asarray(jnp.sum(delta * jnp.asarray(r.extra["q1"]), axis=1) ** 2)
+                meas = np.where(np.isfinite(r.series["sigma_pred"]), meas, np.nan)
+                ser.put("sigma_meas", r.steps, meas)
+
+    # ------------------------------------------------------------- reporting
+
+    @property
+    def flow_start(self) -> int:
+        return int(self.start) if self.start is not None else default_start(self.opt)
