@@ -252,6 +252,7 @@ def write_explain(res, out: Path, *, opt, command=None) -> list[Path]:
         npz_name="explain.npz",
         arrays=arrays,
         figures=figures,
+        devices=getattr(res, "devices", None),
     )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from flowgen import __version__
 
 
-def provenance(opt, command) -> dict:
+def provenance(opt, command, devices=None) -> dict:
     spec = opt.spec
     out = {
         "flowgen_version": __version__,
@@ -27,7 +27,7 @@ def provenance(opt, command) -> dict:
     try:
         import jax
 
-        out["devices"] = [str(d) for d in jax.devices()]
+        out["devices"] = list(devices) if devices else [str(d) for d in jax.devices()[:1]]
         out["jax_version"] = jax.__version__
     except Exception:  # noqa: BLE001 - provenance is best effort
         pass
@@ -52,6 +52,7 @@ def write_outputs(
     npz_name: str,
     arrays: dict[str, np.ndarray],
     figures: list[Callable[[Path], Path | None]] = (),
+    devices: list[str] | None = None,
 ) -> list[Path]:
     """The one writer of a command's outputs: ``json_name`` (``data`` + provenance),
     ``npz_name`` (``arrays``), the generated ``optimizer.py`` and the figures
@@ -59,7 +60,7 @@ def write_outputs(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = dict(data)
-    data["provenance"] = provenance(opt, command)
+    data["provenance"] = provenance(opt, command, devices)
     _atomic_write(out / json_name, lambda fh: fh.write(json.dumps(data, indent=1)))
     _atomic_write(out / npz_name, lambda fh: np.savez(fh, **arrays), binary=True)
     (out / "optimizer.py").write_text(opt.source)
@@ -91,6 +92,7 @@ def write_run(res, out: Path, *, opt, command=None) -> list[Path]:
         npz_name="run.npz",
         arrays=arrays,
         figures=[lambda o: plot_run(res, o)[0]],
+        devices=getattr(res, "devices", None),
     )
 
 
@@ -188,6 +190,7 @@ def write_validation(res, out: Path, *, opt, command=None) -> list[Path]:
         npz_name="series.npz",
         arrays=res.series,
         figures=[lambda o: plot_validation(res, o / "validate.png")],
+        devices=getattr(res, "devices", None),
     )
 
 

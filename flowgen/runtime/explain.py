@@ -75,6 +75,7 @@ class Explanation:
     relax_default: Relaxation | None = None
     sdp: SDPResult | None = None
     timings: dict = field(default_factory=dict)
+    devices: list[str] = field(default_factory=list)  # the devices the run used
 
     def to_json(self) -> dict:
         return {
@@ -352,4 +353,5 @@ def explain(
         relax_default=rel_d,
         sdp=sdp,
         timings=timings,
+        devices=exp.placement.describe(),
     )

@@ -48,6 +48,7 @@ import numpy as np
 from flowgen.errors import FlowgenError, UsageError
 from flowgen.precision import in_float64
 from flowgen.runtime.checkpoint import CheckpointStore
+from flowgen.runtime.devices import Placement
 from flowgen.runtime.optimizer import Optimizer
 from flowgen.runtime.problems import Problem
 from flowgen.runtime.processes import DiscreteProcess, SharpnessMeter
@@ -278,6 +279,7 @@ class Experiment:
         self.after_chunk = after_chunk
         self.threshold = opt.threshold
         self.timings: dict[str, float] = {}
+        self.placement = Placement.for_size(problem.n)
         if self.mode == "fixed":
             self.fixed_start = int(start)
             if self.fixed_start < 0:
@@ -309,7 +311,9 @@ class Experiment:
             self.start, self.restart_at = self.fixed_start, self.fixed_start
         else:
             self.start = self.restart_at = None
-        self.discrete = DiscreteProcess(self.opt, self.problem, self.problem.w0)
+        self.discrete = DiscreteProcess(
+            self.opt, self.problem, self.placement.vector(self.problem.w0)
+        )
         self.procs: dict[str, Process] = {}
         self.meters = {"discrete": SharpnessMeter(self.opt, self.problem)}
         for name, lane in self.flows.items():
@@ -356,6 +360,12 @@ class Experiment:
 
     def _load(self) -> None:
         state, arrays = self.store.load()
+        n = self.problem.n
+        arrays = {  # parameter-sized arrays back on the run's devices
+            k: self.placement.like(v) if v.ndim >= 1 and v.shape[0] == n else v
+            for k, v in arrays.items()
+            if not k.startswith("series/")
+        } | {k: v for k, v in arrays.items() if k.startswith("series/")}
         self._reset(pass_=int(state["pass"]))
         self.t = int(state["t"])
         self.start, self.restart_at = state["start"], state["restart_at"]

@@ -45,6 +45,7 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     w_final: dict[str, np.ndarray] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    devices: list[str] = field(default_factory=list)  # the devices the run used
 
     def to_json(self) -> dict:
         return {
@@ -114,4 +115,5 @@ def run_stable(
             "n_params": int(problem.n),
             "stable_solver": getattr(stable_proc, "solver_name", None),
         },
+        devices=exp.placement.describe(),
     )

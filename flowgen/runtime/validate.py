@@ -77,6 +77,7 @@ class ValidationResult:
     series: dict[str, np.ndarray]
     sigma: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    devices: list[str] = field(default_factory=list)  # the devices the run used
 
     def to_json(self) -> dict:
         cfg = asdict(self.config)
@@ -194,6 +195,7 @@ def validate(
         summary=summary,
         series=series,
         timings=timings,
+        devices=exp.placement.describe(),
     )
 
 
