@@ -20,6 +20,7 @@ import sympy as sp
 
 from flowgen.errors import DerivationError, location_in
 from flowgen.language import ast
+from flowgen.symbolic import budget
 
 # ------------------------------------------------------------------ reductions
 
@@ -144,11 +145,19 @@ def hyper_symbol(name: str, value: float) -> sp.Symbol:
 
 
 def number(node: ast.Num) -> sp.Expr:
-    """Exact rational for literals written as decimals (0.9 -> 9/10)."""
+    """Exact rational for literals written as decimals (0.9 -> 9/10).
+
+    A literal whose float64 value is 0 or subnormal although its text is not
+    zero (``1e-400``) is taken at its float64 value, like the discrete step
+    computes it (and no 400-digit denominators enter the algebra).
+    """
+    value = float(node.value)
+    if value == 0.0 or abs(value) < 2.2250738585072014e-308:
+        return sp.Integer(0) if value == 0.0 else sp.Float(value)
     try:
-        return sp.Rational(node.text) if node.text else sp.Float(node.value)
+        return sp.Rational(node.text) if node.text else sp.Float(value)
     except (TypeError, ValueError):
-        return sp.Float(node.value)
+        return sp.Float(value)
 
 
 def to_sympy(expr: ast.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
@@ -218,6 +227,7 @@ def build_model(program: ast.Program, overrides: dict[str, float] | None = None)
     statements, f, assign_node = [], {}, {}
     w_new = None
     for node in program.update:
+        budget.stage(f"the statement of `{node.target}`", node)
         raw = to_sympy(node.value, raw_env)
         value = to_sympy(node.value, env)
         if node.target == "w":
@@ -268,6 +278,7 @@ def build_model(program: ast.Program, overrides: dict[str, float] | None = None)
 
 def simp(e: sp.Expr) -> sp.Expr:
     """Cheap rational simplification (``cancel``), enough for update rules."""
+    budget.check()
     return sp.cancel(sp.together(e))
 
 
@@ -320,6 +331,7 @@ def tidy_signs(expr: sp.Expr) -> sp.Expr:
 def tidy(expr: sp.Expr) -> sp.Expr:
     """A readable normal form: the shorter of the cancelled and factored forms, signs tidied."""
     e = simp(expr)
+    budget.check()
     f = sp.factor(e)
     best = f if sp.count_ops(f) <= sp.count_ops(e) else e
     return tidy_signs(best)
