@@ -229,7 +229,7 @@ def test_gd_step_and_drift_text():
 
             dw/dt = -Eg*lr
             """
-            lr = hyper["lr"]
+            lr = jnp.asarray(hyper["lr"], dtype=w.dtype)
             dw = jnp.zeros_like(w) + (-Eg * lr)
             return dw, {}''')
     assert 'HYPER = {"lr": 0.4}' in src.splitlines()

@@ -51,8 +51,15 @@ class FlowgenJaxPrinter(JaxPrinter):
     def __init__(self):
         super().__init__({"fully_qualified_modules": True, "allow_unknown_functions": False})
 
+    #: names of per-coordinate values (set per module by :func:`generate`)
+    per_coord: frozenset[str] = frozenset({"g", "w", "Eg", "Vg"})
+
     def _print_rsum(self, e):
-        return f"jnp.sum({self._print(e.args[0])})"
+        arg = e.args[0]
+        if {s.name for s in arg.free_symbols} & self.per_coord:
+            return f"jnp.sum({self._print(arg)})"
+        # a scalar argument (the algebra folded `g*0 + 1` to 1): n copies of it
+        return f"jnp.sum(jnp.full_like(w, {self._print(arg)}))"
 
     def _print_rmean(self, e):
         return f"jnp.mean({self._print(e.args[0])})"
@@ -129,11 +136,22 @@ def _doc(text: str, indent: str = "    ") -> str:
     return "\n".join((indent + ln) if ln.strip() else "" for ln in lines)
 
 
-def _hyper_reads(exprs: list[sp.Expr], spec: FlowSpec, names) -> list[str]:
+def _hyper_reads(exprs: list[sp.Expr], spec: FlowSpec, names, *, arrays=True) -> list[str]:
+    """Read the hyperparameters ``exprs`` use; with ``arrays`` (functions of ``w``) as
+    arrays of w's dtype, like ``t``, so that no arithmetic is Python float arithmetic."""
     used = set()
     for e in exprs:
         used |= {s.name for s in e.free_symbols}
-    return [f'    {names[h]} = hyper["{h}"]' for h in spec.hyper if h in used]
+    if not arrays:
+        return [f'    {names[h]} = hyper["{h}"]' for h in spec.hyper if h in used]
+    lines = [
+        f'    {names[h]} = jnp.asarray(hyper["{h}"], dtype=w.dtype)'
+        for h in spec.hyper
+        if h in used
+    ]
+    if "t" in used:
+        lines.append("    t = jnp.asarray(t, dtype=w.dtype)")
+    return lines
 
 
 def _cse_block(outputs: list[sp.Expr], names, indent="    ") -> tuple[list[str], list[str]]:
@@ -270,6 +288,9 @@ def generate(
     out.append(f"NO_FLOW_REASON = {short!r}")
     out.append("\n")
     out += discrete_lines
+    _printer.per_coord = frozenset(
+        {"g", "w", "Eg", "Vg", *(names[s.name] for s in d.states if not s.scalar)}
+    )
     if flow is None:
         out += _absent_flow(short or "the flow was not derived")
     else:
@@ -365,8 +386,8 @@ def _flow_parts(spec: FlowSpec, names, state_names, thr) -> list[str]:
         out.append("    return None")
     else:
         out.append(f'    """Threshold c on lambda_max(P^-1 H):  c = {_math(c)}"""')
-        out += _hyper_reads([c], spec, names)
-        if c.free_symbols - set(spec.hyper_symbols.values()):
+        out += _hyper_reads([c], spec, names, arrays=False)
+        if c.free_symbols - set(spec.hyper_symbols.values()) or c.atoms(rsum, rmean):
             out.append(f"    return {thr!r}")
         elif c.is_Number:
             out.append(f"    return {pycode(c, names)}")

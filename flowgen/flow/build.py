@@ -22,7 +22,7 @@ from flowgen.flow.spec import FlowSpec, StabilitySpec, StateFlow, Statement
 from flowgen.language.ast import Program
 from flowgen.language.checks import check_hyper_values
 from flowgen.symbolic import budget, classify, drift, stability
-from flowgen.symbolic.model import EG_NAME, VG_NAME, W, build_model
+from flowgen.symbolic.model import EG_NAME, REDUCTION_CLASSES, VG_NAME, W, build_model
 
 
 def check_overrides(program: Program, overrides: dict[str, float] | None) -> dict[str, float]:
@@ -134,6 +134,19 @@ def _loc(program: Program, node):
     return location_in(program.path or "<string>", program.source, node.line, node.column)
 
 
+def _frozen_reductions(model) -> dict:
+    """``{Symbol("sum(x)"): sum(x)}`` for every reduction in the step."""
+    out = {}
+    for st in model.statements:
+        for r in st.value.atoms(*REDUCTION_CLASSES):
+            out[sp.Symbol(str(r), real=True)] = r
+    return out
+
+
+def _thaw(expr, thaw):
+    return None if expr is None else expr.xreplace(thaw)
+
+
 def _stages(program: Program, discrete: DiscreteSpec, require_central: bool) -> FlowSpec:
     model = build_model(program, discrete.hyper)
     node = model.assign_node.get
@@ -165,6 +178,9 @@ def _stages(program: Program, discrete: DiscreteSpec, require_central: bool) -> 
     if reason is None:
         budget.stage("the stability of the update of `w`", node("w"))
         stab = stability.analyse(model, classes)
+        # the stability analysis freezes reductions as symbols named like them: put the
+        # reductions back, so that p, λ* and c compute them (``sum(1)`` is n, not a name)
+        thaw = _frozen_reductions(model)
         stab_spec = StabilitySpec(
             stab.bifurcation,
             stab.char_poly.xreplace(
@@ -172,15 +188,16 @@ def _stages(program: Program, discrete: DiscreteSpec, require_central: bool) -> 
                     stability.LAM: sp.Symbol("lambda"),
                     stability.A: sp.Symbol("a"),
                     stability.MU: sp.Symbol("mu"),
+                    **thaw,
                 }
             ),
-            stab.critical_curvature,
-            stab.effective_step,
-            stab.threshold,
+            _thaw(stab.critical_curvature, thaw),
+            _thaw(stab.effective_step, thaw),
+            _thaw(stab.threshold, thaw),
             stab.threshold_value,
             stab.note,
         )
-        kappa = stab.kappa
+        kappa = {f: k.xreplace(thaw) for f, k in stab.kappa.items()}
         if stab.bifurcation != stability.FLIP:
             reason = (
                 f"the first instability is a {stab.bifurcation} bifurcation, not a flip "

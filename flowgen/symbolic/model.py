@@ -30,6 +30,7 @@ class rsum(sp.Function):
 
     nargs = 1
     is_real = True
+    is_number = False  # sum(1) = n is not a number the algebra may evaluate or compare
 
     def _sympystr(self, printer):
         return f"sum({printer._print(self.args[0])})"
@@ -48,6 +49,13 @@ class rmean(sp.Function):
 
     nargs = 1
     is_real = True
+    is_number = False
+
+    @classmethod
+    def eval(cls, arg):
+        if arg.is_number:  # the mean of a constant is the constant
+            return arg
+        return None
 
     def _sympystr(self, printer):
         return f"mean({printer._print(self.args[0])})"
