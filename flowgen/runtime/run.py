@@ -78,8 +78,11 @@ def run_stable(
     t_disc = t_flow = t_eig = 0.0
     if start:
         disc.advance(start)
-    stable = StableFlow(
-        opt, problem, disc.w, disc.state, disc.t, rtol=config.rtol, atol=config.atol
+    # no derived flow (the derivation refused the file): the discrete run alone
+    stable = (
+        StableFlow(opt, problem, disc.w, disc.state, disc.t, rtol=config.rtol, atol=config.atol)
+        if opt.spec.has_flow
+        else None
     )
     meters = {"discrete": SharpnessMeter(opt, problem), "stable": SharpnessMeter(opt, problem)}
     w_start = disc.w
@@ -108,21 +111,24 @@ def run_stable(
         cd = disc.advance(K)
         jax.block_until_ready(cd.w)
         t_disc += time.perf_counter() - tic
-        tic = time.perf_counter()
-        cs = stable.advance(K)
-        jax.block_until_ready(cs.w)
-        t_flow += time.perf_counter() - tic
         idx = np.arange(t + 1, t + K + 1)
         series["loss_discrete"][idx] = cd.loss
-        series["loss_stable"][idx] = cs.loss
         series["grad_norm_discrete"][idx] = cd.grad_norm
-        series["grad_norm_stable"][idx] = cs.grad_norm
-        series["distance"][idx] = np.asarray(jnp.linalg.norm(cd.w - cs.w, axis=1))
+        processes = (("discrete", cd),)
+        if stable is not None:
+            tic = time.perf_counter()
+            cs = stable.advance(K)
+            jax.block_until_ready(cs.w)
+            t_flow += time.perf_counter() - tic
+            series["loss_stable"][idx] = cs.loss
+            series["grad_norm_stable"][idx] = cs.grad_norm
+            series["distance"][idx] = np.asarray(jnp.linalg.norm(cd.w - cs.w, axis=1))
+            processes += (("stable", cs),)
         series["distance_travelled"][idx] = np.asarray(jnp.linalg.norm(cd.w - w_start, axis=1))
         tic = time.perf_counter()
         for j, step in enumerate(idx):
             if step % config.eig_every == 0 or step == n_steps:
-                for name, chunk in (("discrete", cd), ("stable", cs)):
+                for name, chunk in processes:
                     st = jax.tree_util.tree_map(lambda a, j=j: a[j], chunk.states)
                     series[f"sharpness_{name}"][step] = meters[name](chunk.w[j], st, float(step))
         t_eig += time.perf_counter() - tic
@@ -142,12 +148,14 @@ def run_stable(
             "discrete_s": t_disc,
             "stable_s": t_flow,
             "sharpness_s": t_eig,
-            "stable_solver_steps": stable.n_steps,
+            "stable_solver_steps": stable.n_steps if stable else 0,
         },
-        w_final={"discrete": np.asarray(disc.w), "stable": np.asarray(stable.w)},
+        w_final={"discrete": np.asarray(disc.w)}
+        | ({"stable": np.asarray(stable.w)} if stable else {}),
         info={
             "start_step": start,
             "n_params": int(problem.w0.shape[0]),
-            "stable_solver": stable.solver_name,
+            "stable_solver": stable.solver_name if stable else None,
+            "no_flow_reason": opt.spec.flow_reason,
         },
     )
