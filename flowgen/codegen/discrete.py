@@ -9,7 +9,8 @@ rewriting in between:
   the parentheses the grammar's precedence needs (``a + (b + c)`` stays so:
   float addition is not associative);
 * every *constant* subexpression (numbers and functions of numbers only) is
-  evaluated here in float64 (:func:`flowgen.language.consts.fold`) and printed as
+  evaluated here in float64 as XLA would (:func:`flowgen.language.consts.apply`:
+  C's ``pow``, subnormals flushed to zero) and printed as
   a float literal (``repr`` round-trips exactly; ``1e20`` prints as ``1e+20``,
   never as an integer beyond int64) or as ``jnp.inf``/``jnp.nan``; so no Python
   arithmetic on numbers is left in the module (``1/0`` would raise, and
@@ -29,6 +30,7 @@ import math
 import numpy as np
 
 from flowgen.language.ast import BinOp, Call, Expr, Name, Neg, Num
+from flowgen.language.consts import apply, flush
 from flowgen.language.printer import ADD, ATOM, MUL, POW, PRECEDENCE, UNARY
 
 __all__ = ["float_literal", "jax_expr"]
@@ -44,15 +46,7 @@ _FUNCS = {
     "sum": "jnp.sum",
     "mean": "jnp.mean",
 }
-_NUMPY = {
-    "sqrt": np.sqrt,
-    "exp": np.exp,
-    "log": np.log,
-    "abs": np.abs,
-    "sign": np.sign,
-    "min": np.minimum,
-    "max": np.maximum,
-}
+_NUMPY = ("sqrt", "exp", "log", "abs", "sign", "min", "max")
 
 
 def float_literal(x: float) -> tuple[str, int]:
@@ -68,22 +62,15 @@ def float_literal(x: float) -> tuple[str, int]:
 
 
 def _const(e: Expr, children: list[np.float64 | None]) -> np.float64 | None:
-    """The float64 value of ``e`` when its operands are constants (else None)."""
+    """The float64 value of ``e`` when its operands are constants (else None), computed
+    as the generated code would compute it (:func:`flowgen.language.consts.apply`)."""
     if any(c is None for c in children):
         return None
+    if isinstance(e, Call) and e.func not in _NUMPY:
+        return None  # a reduction: never of a constant in a checked program
+    op = "neg" if isinstance(e, Neg) else e.op if isinstance(e, BinOp) else e.func
     with np.errstate(all="ignore"):
-        if isinstance(e, Neg):
-            return -children[0]
-        if isinstance(e, BinOp):
-            a, b = children
-            return np.float64(
-                {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.divide}.get(
-                    e.op, np.power
-                )(a, b)
-            )
-        if isinstance(e, Call) and e.func in _NUMPY:
-            return np.float64(_NUMPY[e.func](*children))
-    return None
+        return apply(op, children)
 
 
 def _paren(text: str, yes: bool) -> str:
@@ -98,7 +85,7 @@ def jax_expr(expr: Expr, names: dict[str, str]) -> str:
 def _print(e: Expr, names: dict[str, str]) -> tuple[str, int, np.float64 | None]:
     """``(text, precedence, constant value or None)``."""
     if isinstance(e, Num):
-        value = np.float64(e.value)
+        value = flush(e.value)
         return (*float_literal(value), value)
     if isinstance(e, Name):
         return names.get(e.id, e.id), ATOM, None

@@ -2,12 +2,21 @@
 
 A subexpression is *constant* when every name in it is a hyperparameter (or it
 has no names at all): its value is known once the hyperparameters are. Its
-value follows IEEE float64 arithmetic (numpy): ``1/0 = inf``, ``log(0) = -inf``,
-``sqrt(-1) = (-8)^(1/3) = nan``. One case is refused instead of computed: an
-*overflow*, where finite operands give an infinite result (``exp(710)``,
-``2^1024``, ``1e300 * 1e300``, ``lr * 10`` at ``lr = 1e308``). Such a number
-means a typo or a hyperparameter out of range, and flowgen says so where it is
-written (see :func:`find_overflow`) rather than computing with ``inf``.
+value follows IEEE float64 arithmetic as XLA computes it on CPU, where the
+generated code runs:
+
+* ``1/0 = inf``, ``log(0) = -inf``, ``sqrt(-1) = (-8)^(1/3) = nan``;
+* ``a^b`` is C's ``pow`` (IEEE 754): ``(-inf)^0.5 = inf`` (numpy's ``power``
+  takes a square root there and gives ``nan``: :func:`power` corrects it);
+* subnormal numbers (magnitude below 2.2e-308) are flushed to zero, in the
+  operands and in the result of every operation (XLA's CPU code runs with
+  flush-to-zero), so ``log(1e-310) = -inf``.
+
+One case is refused instead of computed: an *overflow*, where finite operands
+give an infinite result (``exp(710)``, ``2^1024``, ``1e300 * 1e300``, ``lr * 10``
+at ``lr = 1e308``). Such a number means a typo or a hyperparameter out of range,
+and flowgen says so where it is written (see :func:`find_overflow`) rather than
+computing with ``inf``.
 """
 
 from __future__ import annotations
@@ -19,10 +28,20 @@ import numpy as np
 
 from flowgen.language.ast import BinOp, Call, Expr, Name, Neg, Num, Program
 
-__all__ = ["Overflow", "fold", "find_overflow", "hyper_names", "format_value"]
+__all__ = [
+    "Overflow",
+    "apply",
+    "find_overflow",
+    "flush",
+    "fold",
+    "format_value",
+    "hyper_names",
+    "power",
+]
 
 UNARY = {"sqrt": np.sqrt, "exp": np.exp, "log": np.log, "abs": np.abs, "sign": np.sign}
 BINARY = {"min": np.minimum, "max": np.maximum}
+TINY = np.finfo(np.float64).tiny  # the smallest normal float64, 2.2250738585072014e-308
 
 
 class Overflow(ArithmeticError):
@@ -33,16 +52,39 @@ class Overflow(ArithmeticError):
         self.node = node
 
 
-def _binop(op: str, a: np.float64, b: np.float64) -> np.float64:
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    if op == "/":
-        return a / b
-    return np.power(a, b)
+def flush(x) -> np.float64:
+    """Subnormal numbers to (signed) zero, as XLA's CPU code does."""
+    x = np.float64(x)
+    return np.copysign(np.float64(0.0), x) if 0 < abs(x) < TINY else x
+
+
+def power(a: np.float64, b: np.float64) -> np.float64:
+    """IEEE 754 ``pow``: numpy's ``power`` except its square-root shortcut at ``b = 0.5``
+    (``pow(-inf, 0.5) = inf``, ``pow(-0, 0.5) = +0``)."""
+    if b == 0.5 and a == 0:
+        return np.float64(0.0)
+    if b == 0.5 and np.isneginf(a):
+        return np.float64(np.inf)
+    return np.float64(np.power(a, b))
+
+
+_ARITH = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.divide, "^": power}
+
+
+def apply(op: str, args: list[np.float64]) -> np.float64:
+    """One operation (``+ - * / ^``, ``neg`` or a function name) on float64 numbers,
+    with flush-to-zero on operands and result; numpy's error state decides whether an
+    overflow raises."""
+    args = [flush(a) for a in args]
+    if op == "neg":
+        out = -args[0]
+    elif op in _ARITH:
+        out = _ARITH[op](*args)
+    elif op in UNARY:
+        out = UNARY[op](*args)
+    else:
+        out = BINARY[op](*args)
+    return flush(np.float64(out))
 
 
 def fold(expr: Expr, values: Mapping[str, float]) -> np.float64 | None:
@@ -57,27 +99,26 @@ def fold(expr: Expr, values: Mapping[str, float]) -> np.float64 | None:
 
 def _fold(expr: Expr, values: Mapping[str, float]) -> np.float64 | None:
     if isinstance(expr, Num):
-        return np.float64(expr.value)
+        return flush(expr.value)
     if isinstance(expr, Name):
-        return np.float64(values[expr.id]) if expr.id in values else None
+        return flush(values[expr.id]) if expr.id in values else None
     if isinstance(expr, Neg):
         x = _fold(expr.operand, values)
-        return None if x is None else -x
+        return None if x is None else apply("neg", [x])
     if isinstance(expr, BinOp):
         a, b = _fold(expr.left, values), _fold(expr.right, values)
         if a is None or b is None:
             return None
         try:
-            return np.float64(_binop(expr.op, a, b))
+            return apply(expr.op, [a, b])
         except FloatingPointError:
             raise Overflow(expr) from None
     if isinstance(expr, Call):
         args = [_fold(a, values) for a in expr.args]
         if any(a is None for a in args) or expr.func not in UNARY | BINARY:
             return None  # reductions are never constant in a checked program
-        fn = UNARY.get(expr.func) or BINARY[expr.func]
         try:
-            return np.float64(fn(*args))
+            return apply(expr.func, args)
         except FloatingPointError:
             raise Overflow(expr) from None
     raise TypeError(f"not an expression node: {expr!r}")  # pragma: no cover
