@@ -20,7 +20,7 @@ exponential in the size of what they expand:
   sees it), nests at most 32 operations and has at most 2,000 nodes.
 
 **A time budget** (:func:`time_budget`): the whole derivation gets
-``DERIVATION_SECONDS`` (5) seconds of CPU time. CPU time, not wall time, so that
+``DERIVATION_SECONDS`` (4) seconds of CPU time. CPU time, not wall time, so that
 the same file is accepted or refused whatever else the machine runs. It is
 enforced two ways:
 
@@ -73,7 +73,7 @@ __all__ = [
 MAX_EXPONENT = 64
 MAX_INLINED_DEPTH = 32
 MAX_INLINED_NODES = 2_000
-DERIVATION_SECONDS = 5.0
+DERIVATION_SECONDS = 4.0
 
 
 class BudgetExceeded(DerivationError):

@@ -185,7 +185,8 @@ def _numeric(expr, vals, extra=None):
 
 
 def _spectral_radius(Jnum, lam: float) -> float:
-    J = Jnum(lam)
+    with np.errstate(all="ignore"):
+        J = Jnum(lam)
     if not np.all(np.isfinite(J)):  # float64 overflow of the map: unstable
         return np.inf
     return float(np.max(np.abs(np.linalg.eigvals(J))))
