@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import types
+from contextvars import ContextVar
 
 import sympy as sp
 from sympy.printing.numpy import JaxPrinter
@@ -51,12 +52,9 @@ class FlowgenJaxPrinter(JaxPrinter):
     def __init__(self):
         super().__init__({"fully_qualified_modules": True, "allow_unknown_functions": False})
 
-    #: names of per-coordinate values (set per module by :func:`generate`)
-    per_coord: frozenset[str] = frozenset({"g", "w", "Eg", "Vg"})
-
     def _print_rsum(self, e):
         arg = e.args[0]
-        if {s.name for s in arg.free_symbols} & self.per_coord:
+        if {s.name for s in arg.free_symbols} & _PER_COORD.get():
             return f"jnp.sum({self._print(arg)})"
         # a scalar argument (the algebra folded `g*0 + 1` to 1): n copies of it
         return f"jnp.sum(jnp.full_like(w, {self._print(arg)}))"
@@ -101,6 +99,10 @@ class FlowgenJaxPrinter(JaxPrinter):
 
 
 _printer = FlowgenJaxPrinter()
+#: names of the per-coordinate values of the module being printed (see ``_print_rsum``)
+_PER_COORD: ContextVar[frozenset[str]] = ContextVar(
+    "flowgen_per_coordinate", default=frozenset({"g", "w", "Eg", "Vg"})
+)
 
 
 def safe_name(name: str, taken: set[str] | frozenset = frozenset()) -> str:
@@ -288,13 +290,15 @@ def generate(
     out.append(f"NO_FLOW_REASON = {short!r}")
     out.append("\n")
     out += discrete_lines
-    _printer.per_coord = frozenset(
-        {"g", "w", "Eg", "Vg", *(names[s.name] for s in d.states if not s.scalar)}
-    )
     if flow is None:
         out += _absent_flow(short or "the flow was not derived")
     else:
-        out += _flow_parts(flow, names, state_names, thr)
+        per_coord = {"g", "w", "Eg", "Vg", *(names[s.name] for s in d.states if not s.scalar)}
+        token = _PER_COORD.set(frozenset(per_coord))
+        try:
+            out += _flow_parts(flow, names, state_names, thr)
+        finally:
+            _PER_COORD.reset(token)
     text = "\n".join(out).rstrip() + "\n"
     return format_source(text)
 
