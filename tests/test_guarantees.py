@@ -217,6 +217,19 @@ def test_max_of_a_constant_mean_derives():
     np.testing.assert_allclose(w1, w - 0.1 * g, rtol=1e-15)
 
 
+@pytest.mark.parametrize(
+    "body, col",
+    [("w = min(1e-30, log(0 - 0.5 - lr))", 16), ("w = w - sqrt(-lr) * g", 9)],
+)
+def test_values_known_not_real_are_located_refusals_of_the_derivation(body, col):
+    """found by the fuzzer: sympy raised "not comparable" inside Min"""
+    with pytest.raises(DerivationError, match="is not a real number") as info:
+        build_flow(program(body))
+    assert (info.value.line, info.value.column) == (6, col)
+    _, _, w1, _ = step_once(module(body))
+    assert np.all(np.isnan(w1))
+
+
 @pytest.mark.parametrize("expr", ["exp(" * 200 + "g" + ")" * 200, "g" + "^g" * 200])
 def test_deep_nesting_is_a_located_error(tmp_path, capsys, expr):
     text = HEAD + f"update {{\n  w = {expr}\n}}\n"

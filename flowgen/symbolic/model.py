@@ -168,8 +168,29 @@ def number(node: ast.Num) -> sp.Expr:
         return sp.Float(value)
 
 
+class NotReal(ValueError):
+    """A value the derivation cannot treat as a real number, at ``node``."""
+
+    def __init__(self, node: ast.Node, reason: str):
+        super().__init__(reason)
+        self.node = node
+        self.reason = reason
+
+
 def to_sympy(expr: ast.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
-    """Build a sympy expression from an AST expression (no ``sympify``)."""
+    """Build a sympy expression from an AST expression (no ``sympify``).
+
+    Raises :class:`NotReal` at a node whose value sympy knows is not real
+    (``log(-lr)``, ``sqrt(-lr)`` with ``lr > 0``: NaN in float64), or that it
+    cannot order where ``min``/``max`` must (a comparison of non-real values).
+    """
+    out = _to_sympy(expr, env)
+    if out.is_real is False or out.has(sp.zoo, sp.nan):
+        raise NotReal(expr, "is not a real number (NaN in float64 arithmetic)")
+    return out
+
+
+def _to_sympy(expr: ast.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
     if isinstance(expr, ast.Num):
         return number(expr)
     if isinstance(expr, ast.Name):
@@ -203,10 +224,11 @@ def to_sympy(expr: ast.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
                 return sp.Abs(args[0])
             case "sign":
                 return sp.sign(args[0])
-            case "min":
-                return sp.Min(*args)
-            case "max":
-                return sp.Max(*args)
+            case "min" | "max":
+                try:
+                    return (sp.Min if expr.func == "min" else sp.Max)(*args)
+                except (TypeError, ValueError):
+                    raise NotReal(expr, "compares values that are not real numbers") from None
             case "sum":
                 return rsum(args[0])
             case "mean":
@@ -217,15 +239,35 @@ def to_sympy(expr: ast.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
     raise AssertionError(type(expr))
 
 
+def _located(program: ast.Program, exc: NotReal) -> DerivationError:
+    from flowgen.language.printer import to_text
+
+    node = exc.node
+    loc = None
+    if node.line:
+        loc = location_in(program.path or "<string>", program.source, node.line, node.column)
+    return DerivationError(
+        f"`{to_text(node)}` {exc.reason}; the derivation works with real values",
+        location=loc,
+        hint="the discrete optimizer computes it as NaN (flowgen codegen, run)",
+    )
+
+
 def build_model(program: ast.Program, overrides: dict[str, float] | None = None) -> StepModel:
     """The step map of a checked program (``overrides`` replace hyper defaults)."""
     values = dict(program.hyper_defaults)
     values.update(overrides or {})
     hyper = {h: hyper_symbol(h, v) for h, v in values.items()}
+    try:
+        return _build_model(program, values, hyper)
+    except NotReal as exc:
+        raise _located(program, exc) from None
+
+
+def _build_model(program: ast.Program, values: dict, hyper: dict) -> StepModel:
     states = program.state_names
     plain = {s: sp.Symbol(s, real=True) for s in states}
     base = {**hyper, "g": G, "w": W, "t": T, **plain}
-
     init = {}
     for s in program.states:
         init[s.name] = to_sympy(s.init, {**hyper, "w": W})
