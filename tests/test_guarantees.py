@@ -441,6 +441,16 @@ def test_optimizer_and_discrete_process_never_need_the_derivation():
     np.testing.assert_array_equal(opt.effective_step(w, opt.init(w), 1.0), np.ones(3))
 
 
+def test_run_without_a_flow_runs_the_discrete_optimizer_alone():
+    res = OptFile(parse_text(AMSGRAD, "amsgrad.opt")).run(
+        "quadratic", steps=6, eig_every=3, chunk=3
+    )
+    s = res.series
+    assert np.all(np.isfinite(s["loss_discrete"][2:])) and np.all(np.isnan(s["loss_stable"][2:]))
+    assert np.isfinite(s["sharpness_discrete"][3]) and res.threshold is None
+    assert "amsgrad.opt:12:5" in res.info["no_flow_reason"]
+
+
 # ------------------------------------------------------------------ minor
 
 
