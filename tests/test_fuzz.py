@@ -49,7 +49,7 @@ STEPS = 4
 CPU_SECONDS = 10.0  # bound on the CPU time of one CLI call (the derivation's budget is 4 s)
 WALL_SECONDS = 120.0  # a generous wall-clock bound: the machine may be shared
 
-FAST = int(os.environ.get("FUZZ_EXAMPLES", "150"))
+FAST = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 SLOW = int(os.environ.get("FUZZ_EXAMPLES", "5000"))
 
 
@@ -226,7 +226,7 @@ def test_generated_step_matches_the_reference(case):
 
 
 @seed(11)
-@settings(_FAST_SETTINGS, max_examples=max(FAST // 3, 20))
+@settings(_FAST_SETTINGS, max_examples=max(FAST // 2, 20))
 @given(cli_cases())
 def test_cli_survives_mutated_files_and_bad_sets(case):
     check_cli(*case)
