@@ -32,17 +32,24 @@ class OptFile:
         """Symbolic derivation at the given hyperparameters (``--set``)."""
         return build_flow(self.program, hyper, require_central=require_central)
 
+    def spec(self, **hyper: float) -> FlowSpec:
+        """What ``codegen`` and ``run`` use: the derived flow when the derivation succeeds,
+        else the discrete step alone (``spec.has_flow`` is False and ``spec.flow_reason``
+        says why). Never needs the derivation; bad hyperparameters raise ``UsageError``."""
+        return build_flow(self.program, hyper, require_central=False, require_flow=False)
+
     def codegen(self, **hyper: float) -> str:
-        """Source of the generated JAX module."""
+        """Source of the generated JAX module: the discrete step always, the flow parts
+        when the derivation succeeds (the module's docstring says why they are absent)."""
         from flowgen.codegen import generate
 
-        return generate(self.derive(require_central=False, **hyper))
+        return generate(self.spec(**hyper))
 
     def optimizer(self, **hyper: float):
         """The runtime :class:`~flowgen.runtime.optimizer.Optimizer` (imports JAX)."""
         from flowgen.runtime.optimizer import Optimizer
 
-        return Optimizer.from_spec(self.derive(require_central=False, **hyper))
+        return Optimizer.from_spec(self.spec(**hyper))
 
     def run(
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,12 +23,19 @@ def parse_sets(items: list[str] | None) -> dict[str, float]:
         if "=" not in item:
             raise UsageError(f"--set expects NAME=VALUE, got `{item}`", hint="e.g. --set lr=0.01")
         k, v = item.split("=", 1)
+        k = k.strip()
         try:
-            out[k.strip()] = float(v)
+            value = float(v)
         except ValueError:
             raise UsageError(
                 f"--set {k}: `{v}` is not a number", hint="e.g. --set lr=3e-4"
             ) from None
+        if not math.isfinite(value):
+            raise UsageError(
+                f"--set {k}={v}: the value of `{k}` must be a finite number",
+                hint="float64 numbers reach about 1.8e308",
+            )
+        out[k] = value
     return out
 
 
@@ -88,13 +96,24 @@ def cmd_list(args) -> int:
 
 def cmd_codegen(args) -> int:
     from flowgen.api import load
+    from flowgen.codegen import generate
 
-    src = load(args.file).codegen(**parse_sets(args.set))
+    spec = load(args.file).spec(**parse_sets(args.set))
+    src = generate(spec)
     if args.output in (None, "-"):
         sys.stdout.write(src)
     else:
         Path(args.output).write_text(src)
         _console(stderr=True).print(f"wrote {args.output} ({len(src.splitlines())} lines)")
+    if not spec.has_flow:
+        print(
+            "note: the module has the discrete step only (init_state, step); no flow parts, "
+            f"because the derivation refused the file:\n  {spec.flow_reason}",
+            file=sys.stderr,
+        )
+    elif not spec.has_central:
+        reason = spec.central_reason
+        print(f"note: the module has no central flow (drift): {reason}", file=sys.stderr)
     return 0
 
 

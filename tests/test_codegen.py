@@ -218,10 +218,10 @@ def test_gd_step_and_drift_text():
         def step(w, state, g, t, hyper=HYPER):
             """One discrete step (t is 1 on the first step); returns (w, state).
 
-            w <- -g*lr + w
+            w <- w - lr * g
             """
-            lr = hyper["lr"]
-            w = -g * lr + w
+            lr = jnp.asarray(hyper["lr"], dtype=w.dtype)
+            w = w - lr * g
             return w, {}''')
     assert function_text(src, "drift") == textwrap.dedent('''\
         def drift(w, state, Eg, Vg, t, hyper=HYPER):
@@ -229,7 +229,7 @@ def test_gd_step_and_drift_text():
 
             dw/dt = -Eg*lr
             """
-            lr = hyper["lr"]
+            lr = jnp.asarray(hyper["lr"], dtype=w.dtype)
             dw = jnp.zeros_like(w) + (-Eg * lr)
             return dw, {}''')
     assert 'HYPER = {"lr": 0.4}' in src.splitlines()

@@ -1,11 +1,18 @@
-"""Generate one self-contained JAX module from a :class:`FlowSpec`.
+"""Generate one self-contained JAX module from a :class:`FlowSpec` or a :class:`DiscreteSpec`.
 
 The module holds ``HYPER``, ``init_state``, ``step`` (the exact discrete
 update), ``precond`` (the effective step size ``p``), ``rates`` (the raw rates,
 read by the stable flow), ``drift`` (the averaged rates in ``Eg``, ``Vg``, read
-by the central flow) and ``threshold``. Expressions are printed by sympy's
-``JaxPrinter`` with common subexpressions named by ``sympy.cse``. The same text
-is what :func:`load_module` executes in memory, registered in ``linecache`` so
+by the central flow) and ``threshold``.
+
+``init_state`` and ``step`` are printed from the checked AST
+(:mod:`flowgen.codegen.discrete`): they exist for every well-formed file and
+compute exactly what it says in float64. The flow parts are printed from the
+derivation's sympy expressions by sympy's ``JaxPrinter`` (numbers as float
+literals, common subexpressions named by ``sympy.cse``); when the derivation
+refused the file, the module says why (docstring, ``NO_FLOW_REASON``) and its
+flow functions raise ``NotImplementedError`` with that reason. The same text is
+what :func:`load_module` executes in memory, registered in ``linecache`` so
 tracebacks and ``inspect.getsource`` show the real lines.
 """
 
@@ -17,13 +24,18 @@ import shutil
 import subprocess
 import sys
 import types
+from contextvars import ContextVar
 
 import sympy as sp
 from sympy.printing.numpy import JaxPrinter
 
 from flowgen import __version__
+from flowgen.codegen.discrete import float_literal, jax_expr
 from flowgen.errors import CodegenError
+from flowgen.flow.discrete import DiscreteSpec, build_discrete
 from flowgen.flow.spec import FlowSpec
+from flowgen.language.ast import Expr, Name, walk
+from flowgen.language.printer import to_text
 from flowgen.symbolic.model import Eg, Vg, rmean, rsum
 
 _PY_TAKEN = {"jax", "jnp", "hyper", "state", "HYPER", "w", "g", "t", "Eg", "Vg", "p", "new"}
@@ -41,10 +53,37 @@ class FlowgenJaxPrinter(JaxPrinter):
         super().__init__({"fully_qualified_modules": True, "allow_unknown_functions": False})
 
     def _print_rsum(self, e):
-        return f"jnp.sum({self._print(e.args[0])})"
+        arg = e.args[0]
+        if {s.name for s in arg.free_symbols} & _PER_COORD.get():
+            return f"jnp.sum({self._print(arg)})"
+        # a scalar argument (the algebra folded `g*0 + 1` to 1): n copies of it
+        return f"jnp.sum(jnp.full_like(w, {self._print(arg)}))"
 
     def _print_rmean(self, e):
         return f"jnp.mean({self._print(e.args[0])})"
+
+    # Numbers print as float literals: exact (repr round-trips), never an integer
+    # beyond int64 (``1e20`` is ``1e+20``); non-finite and non-real numbers follow
+    # float semantics (a derivation never produces them from a checked file:
+    # it refuses non-finite constants).
+    def _print_Integer(self, e):
+        return float_literal(float(e))[0]
+
+    _print_Rational = _print_Integer
+    _print_Float = _print_Integer
+    _print_Zero = _print_One = _print_NegativeOne = _print_Half = _print_Integer
+
+    def _print_Infinity(self, e):
+        return "jnp.inf"
+
+    def _print_NegativeInfinity(self, e):
+        return "-jnp.inf"
+
+    def _print_ComplexInfinity(self, e):
+        return "jnp.nan"
+
+    _print_NaN = _print_ComplexInfinity
+    _print_ImaginaryUnit = _print_ComplexInfinity
 
     def _print_Max(self, e):
         out = self._print(e.args[0])
@@ -60,6 +99,10 @@ class FlowgenJaxPrinter(JaxPrinter):
 
 
 _printer = FlowgenJaxPrinter()
+#: names of the per-coordinate values of the module being printed (see ``_print_rsum``)
+_PER_COORD: ContextVar[frozenset[str]] = ContextVar(
+    "flowgen_per_coordinate", default=frozenset({"g", "w", "Eg", "Vg"})
+)
 
 
 def safe_name(name: str, taken: set[str] | frozenset = frozenset()) -> str:
@@ -95,11 +138,22 @@ def _doc(text: str, indent: str = "    ") -> str:
     return "\n".join((indent + ln) if ln.strip() else "" for ln in lines)
 
 
-def _hyper_reads(exprs: list[sp.Expr], spec: FlowSpec, names) -> list[str]:
+def _hyper_reads(exprs: list[sp.Expr], spec: FlowSpec, names, *, arrays=True) -> list[str]:
+    """Read the hyperparameters ``exprs`` use; with ``arrays`` (functions of ``w``) as
+    arrays of w's dtype, like ``t``, so that no arithmetic is Python float arithmetic."""
     used = set()
     for e in exprs:
         used |= {s.name for s in e.free_symbols}
-    return [f'    {names[h]} = hyper["{h}"]' for h in spec.hyper if h in used]
+    if not arrays:
+        return [f'    {names[h]} = hyper["{h}"]' for h in spec.hyper if h in used]
+    lines = [
+        f'    {names[h]} = jnp.asarray(hyper["{h}"], dtype=w.dtype)'
+        for h in spec.hyper
+        if h in used
+    ]
+    if "t" in used:
+        lines.append("    t = jnp.asarray(t, dtype=w.dtype)")
+    return lines
 
 
 def _cse_block(outputs: list[sp.Expr], names, indent="    ") -> tuple[list[str], list[str]]:
@@ -108,67 +162,169 @@ def _cse_block(outputs: list[sp.Expr], names, indent="    ") -> tuple[list[str],
     return lines, [pycode(r, names) for r in reduced]
 
 
-def generate(spec: FlowSpec, *, path_label: str | None = None) -> str:
-    """The module's source text (deterministic: same spec, same bytes)."""
-    declared = {*spec.hyper, *(s.name for s in spec.states), *(st.target for st in spec.statements)}
-    names: dict[str, str] = {}
-    for n in [*spec.hyper, *(s.name for s in spec.states), *(st.target for st in spec.statements)]:
-        if n not in names:
-            names[n] = safe_name(n, declared | set(names.values()))
-    state_names = [s.name for s in spec.states]
-    src = path_label or spec.path
-    out: list[str] = []
-    rule = "\n".join(f"    {st.target} <- {_math(st.expr)}" for st in spec.statements)
-    desc = spec.description.replace('"', "'").replace("\\", "/")
-    out.append(
-        f'"""{spec.name}: {desc}\n\n'
-        f"Generated by flowgen {__version__} from {src}\n"
-        f"sha256 of the source: {spec.sha256}\n"
-        "Do not edit: regenerate with `flowgen codegen`.\n\n"
-        f"Update rule (one step, g = grad L(w), t = 1, 2, ...):\n{_doc(rule, '')}\n"
-        '"""\n'
-    )
-    out.append("import jax.numpy as jnp\n")
-    out.append(f"NAME = {spec.name!r}")
-    out.append("HYPER = {" + ", ".join(f"{k!r}: {float(v)!r}" for k, v in spec.hyper.items()) + "}")
-    out.append(f"STATES = {tuple(state_names)!r}")
-    out.append("STATE_KINDS = {" + ", ".join(f"{s.name!r}: {s.kind!r}" for s in spec.states) + "}")
-    out.append(f"SCALAR_STATES = {tuple(s.name for s in spec.states if s.scalar)!r}")
-    thr = spec.threshold
-    out.append(f"THRESHOLD = {thr!r}  # c: stability threshold on lambda_max(P^-1 H)")
-    out.append(f"HAS_CENTRAL_FLOW = {spec.has_central!r}")
-    out.append("\n")
+def _discrete_of(spec: FlowSpec) -> DiscreteSpec:
+    """The discrete level a :class:`FlowSpec` was built on (rebuilt from its source
+    text for a spec made without one)."""
+    found = getattr(spec, "discrete", None)
+    if found is not None:
+        return found
+    from flowgen.language import check_program, parse_text
 
-    # init_state
-    init_lines = []
-    inits = []
-    for s in spec.states:
-        e = s.init
-        code = pycode(e, names)
+    program = parse_text(spec.source, spec.path)
+    check_program(program)
+    return build_discrete(program, spec.hyper)
+
+
+def _ast_names(expr: Expr) -> set[str]:
+    return {n.id for n in walk(expr) if isinstance(n, Name)}
+
+
+def _ast_hyper_reads(exprs: list[Expr], hyper, names, indent="    ") -> list[str]:
+    """Hyperparameters (and ``t``) as arrays of w's dtype, so that no arithmetic in the
+    step is Python float arithmetic (which raises on 1/0 and goes complex on (-8)**(1/3))."""
+    used = set().union(*(_ast_names(e) for e in exprs)) if exprs else set()
+    lines = [
+        f'{indent}{names[h]} = jnp.asarray(hyper["{h}"], dtype=w.dtype)' for h in hyper if h in used
+    ]
+    if "t" in used:
+        lines.append(f"{indent}t = jnp.asarray(t, dtype=w.dtype)")
+    return lines
+
+
+def _discrete_parts(d: DiscreteSpec, names: dict[str, str]) -> tuple[str, list[str]]:
+    """The update rule as text, and the source lines of ``init_state`` and ``step``."""
+    rule = "\n".join(f"    {st.target} <- {to_text(st.value)}" for st in d.statements)
+    out: list[str] = []
+
+    inits, shown = [], []
+    for s in d.states:
+        code = jax_expr(s.init, names)
         if s.scalar:
-            inits.append(f"        {s.name!r}: jnp.asarray({code}, dtype=w.dtype),")
+            value = f"jnp.asarray({code}, dtype=w.dtype)"
+        elif not s.init_scalar:
+            value = code
+        elif code == "0.0":
+            value = "jnp.zeros_like(w)"
         else:
-            inits.append(f"        {s.name!r}: jnp.zeros_like(w) + ({code}),")
-        init_lines.append(f"{s.name} = {_math(e)}")
-    body = _hyper_reads([s.init for s in spec.states], spec, names)
+            value = f"jnp.full_like(w, {code})"
+        inits.append(f"        {s.name!r}: {value},")
+        shown.append(f"{s.name} = {to_text(s.init)}")
     out.append("def init_state(w, hyper=HYPER):")
-    out.append(f'    """Initial optimizer state: {"; ".join(init_lines) or "(none)"}."""')
-    out += body
+    out.append(f'    """Initial optimizer state: {"; ".join(shown) or "(none)"}."""')
+    out += _ast_hyper_reads([s.init for s in d.states], d.hyper, names)
     out.append("    return {")
     out += inits
     out.append("    }\n\n")
 
-    # step
     out.append("def step(w, state, g, t, hyper=HYPER):")
     out.append('    """One discrete step (t is 1 on the first step); returns (w, state).\n')
     out.append(_doc(rule) + '\n    """')
-    out += _hyper_reads([st.expr for st in spec.statements], spec, names)
-    for s in state_names:
-        out.append(f'    {names[s]} = state["{s}"]')
-    for st in spec.statements:
-        out.append(f"    {names.get(st.target, st.target)} = {pycode(st.expr, names)}")
+    out += _ast_hyper_reads([st.value for st in d.statements], d.hyper, names)
+    for s in d.states:
+        out.append(f'    {names[s.name]} = state["{s.name}"]')
+    for st in d.statements:
+        code = jax_expr(st.value, names)
+        if st.role != "local" and st.target_scalar:
+            code = f"jnp.asarray({code}, dtype=w.dtype)"
+        elif st.role != "local" and st.value_scalar:
+            code = f"jnp.full_like(w, {code})"  # a scalar value keeps w's shape
+        out.append(f"    {names.get(st.target, st.target)} = {code}")
+    state_names = [s.name for s in d.states]
     out.append("    return w, {" + ", ".join(f'"{s}": {names[s]}' for s in state_names) + "}\n\n")
+    return rule, out
 
+
+def generate(
+    spec: FlowSpec | DiscreteSpec, *, path_label: str | None = None, reason: str | None = None
+) -> str:
+    """The module's source text (deterministic: same spec, same bytes).
+
+    ``spec`` is a :class:`FlowSpec` (flow parts from the derivation, when it has
+    them) or a bare :class:`DiscreteSpec` (discrete step only; ``reason`` says why,
+    in the docstring and ``NO_FLOW_REASON``).
+    """
+    if isinstance(spec, DiscreteSpec):
+        d, flow = spec, None
+        reason = reason or "the flow was not derived"
+    else:
+        d, flow = _discrete_of(spec), spec
+        if not getattr(spec, "has_flow", True):
+            reason, flow = reason or spec.flow_reason or spec.central_reason, None
+    declared = {*d.hyper, *(s.name for s in d.states), *(st.target for st in d.statements)}
+    names: dict[str, str] = {}
+    for n in [*d.hyper, *(s.name for s in d.states), *(st.target for st in d.statements)]:
+        if n not in names:
+            names[n] = safe_name(n, declared | set(names.values()))
+    state_names = [s.name for s in d.states]
+    src = path_label or d.path
+    out: list[str] = []
+    rule, discrete_lines = _discrete_parts(d, names)
+    desc = d.description.replace('"', "'").replace("\\", "/")
+    absent = ""
+    if flow is None:
+        absent = (
+            "\nNo flow parts: `rates`, `precond`, `drift` and `threshold` are absent because "
+            f"the derivation refused this file:\n{_doc(reason or '')}\n"
+        )
+    out.append(
+        f'"""{d.name}: {desc}\n\n'
+        f"Generated by flowgen {__version__} from {src}\n"
+        f"sha256 of the source: {d.sha256}\n"
+        "Do not edit: regenerate with `flowgen codegen`.\n\n"
+        f"Update rule (one step, g = grad L(w), t = 1, 2, ...):\n{_doc(rule, '')}\n"
+        f"{absent}"
+        '"""\n'
+    )
+    out.append("import jax.numpy as jnp\n")
+    out.append(f"NAME = {d.name!r}")
+    out.append("HYPER = {" + ", ".join(f"{k!r}: {float(v)!r}" for k, v in d.hyper.items()) + "}")
+    out.append(f"STATES = {tuple(state_names)!r}")
+    kinds = {} if flow is None else {s.name: s.kind for s in flow.states}
+    out.append("STATE_KINDS = {" + ", ".join(f"{k!r}: {v!r}" for k, v in kinds.items()) + "}")
+    out.append(f"SCALAR_STATES = {tuple(s.name for s in d.states if s.scalar)!r}")
+    thr = None if flow is None else flow.threshold
+    out.append(f"THRESHOLD = {thr!r}  # c: stability threshold on lambda_max(P^-1 H)")
+    out.append(f"HAS_CENTRAL_FLOW = {flow is not None and flow.has_central!r}")
+    out.append(f"HAS_FLOW = {flow is not None!r}  # rates, precond, drift, threshold derived")
+    short = (reason or "the flow was not derived").splitlines()[0] if flow is None else None
+    out.append(f"NO_FLOW_REASON = {short!r}")
+    out.append("\n")
+    out += discrete_lines
+    if flow is None:
+        out += _absent_flow(short or "the flow was not derived")
+    else:
+        per_coord = {"g", "w", "Eg", "Vg", *(names[s.name] for s in d.states if not s.scalar)}
+        token = _PER_COORD.set(frozenset(per_coord))
+        try:
+            out += _flow_parts(flow, names, state_names, thr)
+        finally:
+            _PER_COORD.reset(token)
+    text = "\n".join(out).rstrip() + "\n"
+    return format_source(text)
+
+
+def _absent_flow(reason: str) -> list[str]:
+    doc = reason.replace("\\", "/").replace('"', "'")
+    out = [
+        "def precond(w, state, t, hyper=HYPER):",
+        '    """No effective step: the flow was not derived."""',
+        "    return None\n\n",
+    ]
+    for sig, role in (
+        ("rates(w, state, g, t, hyper=HYPER)", "No rates"),
+        ("drift(w, state, Eg, Vg, t, hyper=HYPER)", "No central flow"),
+    ):
+        out.append(f"def {sig}:")
+        out.append(f'    """{role}: {doc}"""')
+        out.append(f"    raise NotImplementedError({reason!r})\n\n")
+    out.append("def threshold(hyper=HYPER):")
+    out.append('    """No threshold: the flow was not derived."""')
+    out.append("    return None")
+    return out
+
+
+def _flow_parts(spec: FlowSpec, names, state_names, thr) -> list[str]:
+    out: list[str] = []
     # precond
     p = spec.stability.effective_step if spec.stability else None
     out.append("def precond(w, state, t, hyper=HYPER):")
@@ -234,13 +390,14 @@ def generate(spec: FlowSpec, *, path_label: str | None = None) -> str:
         out.append("    return None")
     else:
         out.append(f'    """Threshold c on lambda_max(P^-1 H):  c = {_math(c)}"""')
-        out += _hyper_reads([c], spec, names)
-        if c.free_symbols - set(spec.hyper_symbols.values()):
+        out += _hyper_reads([c], spec, names, arrays=False)
+        if c.free_symbols - set(spec.hyper_symbols.values()) or c.atoms(rsum, rmean):
             out.append(f"    return {thr!r}")
+        elif c.is_Number:
+            out.append(f"    return {pycode(c, names)}")
         else:
             out.append(f"    return float({pycode(c, names)})")
-    text = "\n".join(out).rstrip() + "\n"
-    return format_source(text)
+    return out
 
 
 def format_source(text: str) -> str:

@@ -1,34 +1,64 @@
-"""From a checked program to a :class:`FlowSpec`: runs the symbolic stages in order."""
+"""From a checked program to a :class:`FlowSpec`: runs the symbolic stages in order.
+
+Two levels of acceptance (``docs/language.md``):
+
+1. the *discrete* level, :func:`flowgen.flow.discrete.build_discrete`: every
+   well-formed program, no derivation;
+2. the *derivation*, :func:`build_flow`: rates, classes, stability and drift,
+   within the budgets of :mod:`flowgen.symbolic.budget`. It may refuse, always
+   with a :class:`DerivationError` that points at the statement it was
+   deriving. With ``require_flow=False`` a refusal gives instead a spec of the
+   discrete step alone (``has_flow`` false, ``flow_reason`` saying why), which
+   is what ``codegen``, ``run`` and the discrete process use.
+"""
 
 from __future__ import annotations
 
-import hashlib
-
 import sympy as sp
 
-from flowgen.errors import DerivationError, UsageError
+from flowgen.errors import DerivationError, FlowgenError
+from flowgen.flow.discrete import DiscreteSpec, build_discrete
 from flowgen.flow.spec import FlowSpec, StabilitySpec, StateFlow, Statement
 from flowgen.language.ast import Program
-from flowgen.symbolic import classify, drift, stability
-from flowgen.symbolic.model import EG_NAME, VG_NAME, W, build_model
+from flowgen.language.checks import check_hyper_values
+from flowgen.symbolic import budget, classify, drift, stability
+from flowgen.symbolic.model import EG_NAME, REDUCTION_CLASSES, VG_NAME, W, build_model
 
 
 def check_overrides(program: Program, overrides: dict[str, float] | None) -> dict[str, float]:
-    import difflib
+    """Validated hyperparameter overrides (see ``check_hyper_values``)."""
+    return check_hyper_values(program, overrides or {})
 
-    out = {}
-    known = list(program.hyper_defaults)
-    for k, v in (overrides or {}).items():
-        if k not in program.hyper_defaults:
-            close = difflib.get_close_matches(k, known, n=1)
-            hint = (
-                f"did you mean `{close[0]}`?" if close else f"hyperparameters: {', '.join(known)}"
-            )
-            raise UsageError(
-                f"--set {k}=...: `{program.name}` has no hyperparameter `{k}`", hint=hint
-            )
-        out[k] = float(v)
-    return out
+
+def one_line(err: FlowgenError) -> str:
+    """``path:line:col: message`` (or the message alone when it has no location)."""
+    loc = err.location
+    return f"{loc.path}:{loc.line}:{loc.column}: {err.message}" if loc else err.message
+
+
+def discrete_only(discrete: DiscreteSpec, reason: str) -> FlowSpec:
+    """A :class:`FlowSpec` of the discrete step alone: no rates, stability or drift."""
+    states = tuple(
+        StateFlow(s.name, "", s.scalar, None, None, None, None, line=s.line)
+        for s in discrete.states
+    )
+    return FlowSpec(
+        name=discrete.name,
+        description=discrete.description,
+        path=discrete.path,
+        sha256=discrete.sha256,
+        source=discrete.source,
+        hyper=dict(discrete.hyper),
+        hyper_symbols={},
+        states=states,
+        statements=(),
+        w_rate=None,
+        w_drift=None,
+        stability=None,
+        central_reason=reason,
+        discrete=discrete,
+        flow_reason=reason,
+    )
 
 
 def build_flow(
@@ -36,32 +66,103 @@ def build_flow(
     overrides: dict[str, float] | None = None,
     *,
     require_central: bool = True,
+    require_flow: bool = True,
+    time_budget: float | None = None,
 ) -> FlowSpec:
     """Derive the flow of ``program``.
 
     With ``require_central=False`` an optimizer whose update has no
     second-order expansion (``sign(g)``...) still yields a spec with the
     discrete step and raw rates (``central_reason`` says why there is no
-    central flow); with ``True`` that raises :class:`DerivationError`.
+    central flow); with ``True`` that raises :class:`DerivationError`. With
+    ``require_flow=False`` (which implies ``require_central=False``) any refusal
+    of the derivation yields :func:`discrete_only` instead of raising; errors in
+    the hyperparameters (:class:`~flowgen.errors.UsageError`) always raise.
+    ``time_budget`` is in CPU seconds (default ``budget.DERIVATION_SECONDS``).
     """
-    overrides = check_overrides(program, overrides)
-    for name in (*program.hyper_defaults, *program.state_names):
-        if name in (EG_NAME, VG_NAME):
+    discrete = build_discrete(program, overrides)
+    try:
+        return _derive(
+            program,
+            discrete,
+            require_central=require_central and require_flow,
+            seconds=time_budget,
+        )
+    except DerivationError as err:
+        if require_flow:
+            raise
+        return discrete_only(discrete, one_line(err))
+
+
+def _derive(
+    program: Program, discrete: DiscreteSpec, *, require_central: bool, seconds: float | None
+) -> FlowSpec:
+    for decl in (*program.hypers, *program.states):
+        if decl.name in (EG_NAME, VG_NAME):
             raise DerivationError(
-                f"`{name}` is reserved for the moments of the gradient in derived flows; rename it"
+                f"`{decl.name}` is reserved for the moments of the gradient in derived flows",
+                location=_loc(program, decl),
+                hint=f"rename it; the discrete optimizer runs with the name `{decl.name}`",
             )
-    model = build_model(program, overrides)
+    budget.check_derivable(program)
+    with budget.time_budget(program, seconds) as progress:
+        try:
+            return _stages(program, discrete, require_central)
+        except FlowgenError:
+            raise
+        except RecursionError:
+            raise DerivationError(
+                f"the derivation recursed too deeply while deriving {progress.what}",
+                location=progress.location(),
+                hint="the discrete optimizer still runs (flowgen codegen, run)",
+            ) from None
+        except Exception as exc:  # an internal error: located, never a traceback
+            raise DerivationError(
+                f"internal error while deriving {progress.what} "
+                f"({type(exc).__name__}: {str(exc)[:200]})",
+                location=progress.location(),
+                hint="please report it with the file; the discrete optimizer still runs "
+                "(flowgen codegen, run)",
+            ) from None
+
+
+def _loc(program: Program, node):
+    from flowgen.errors import location_in
+
+    if not getattr(node, "line", 0):
+        return None
+    return location_in(program.path or "<string>", program.source, node.line, node.column)
+
+
+def _frozen_reductions(model) -> dict:
+    """``{Symbol("sum(x)"): sum(x)}`` for every reduction in the step."""
+    out = {}
+    for st in model.statements:
+        for r in st.value.atoms(*REDUCTION_CLASSES):
+            out[sp.Symbol(str(r), real=True)] = r
+    return out
+
+
+def _thaw(expr, thaw):
+    return None if expr is None else expr.xreplace(thaw)
+
+
+def _stages(program: Program, discrete: DiscreteSpec, require_central: bool) -> FlowSpec:
+    model = build_model(program, discrete.hyper)
+    node = model.assign_node.get
+    budget.stage("the classes of the states", node("w"))
     classes = classify.classify_states(model)
     statements = tuple(
         Statement(st.target, st.role, st.raw, st.node.line) for st in model.statements
     )
-    rates = {
-        s: classify.state_rate(model, s)
-        for s in model.states
-        if s in model.f and s in model.assign_node
-    }
+    rates = {}
+    for s in model.states:
+        if s in model.f and s in model.assign_node:
+            budget.stage(f"the rate of `{s}`", node(s))
+            rates[s] = classify.state_rate(model, s)
     for s in model.states:  # never assigned: constant
         rates.setdefault(s, sp.Integer(0))
+    budget.stage("the rate of `w`", node("w"))
     w_rate = classify.w_rate(model)
 
     reason = None
@@ -75,7 +176,11 @@ def build_flow(
     stab_spec = None
     kappa: dict[str, sp.Expr] = {}
     if reason is None:
+        budget.stage("the stability of the update of `w`", node("w"))
         stab = stability.analyse(model, classes)
+        # the stability analysis freezes reductions as symbols named like them: put the
+        # reductions back, so that p, λ* and c compute them (``sum(1)`` is n, not a name)
+        thaw = _frozen_reductions(model)
         stab_spec = StabilitySpec(
             stab.bifurcation,
             stab.char_poly.xreplace(
@@ -83,15 +188,16 @@ def build_flow(
                     stability.LAM: sp.Symbol("lambda"),
                     stability.A: sp.Symbol("a"),
                     stability.MU: sp.Symbol("mu"),
+                    **thaw,
                 }
             ),
-            stab.critical_curvature,
-            stab.effective_step,
-            stab.threshold,
+            _thaw(stab.critical_curvature, thaw),
+            _thaw(stab.effective_step, thaw),
+            _thaw(stab.threshold, thaw),
             stab.threshold_value,
             stab.note,
         )
-        kappa = stab.kappa
+        kappa = {f: k.xreplace(thaw) for f, k in stab.kappa.items()}
         if stab.bifurcation != stability.FLIP:
             reason = (
                 f"the first instability is a {stab.bifurcation} bifurcation, not a flip "
@@ -110,7 +216,9 @@ def build_flow(
         if lam_star is not None and w_rate.has(W):
             kstep["w"] = 1 / lam_star
         for s in model.states:
+            budget.stage(f"the drift of `{s}`", node(s))
             drifts[s] = drift.average(model, rates[s], kstep, s)
+        budget.stage("the drift of `w`", node("w"))
         w_drift = drift.average(model, w_rate, kstep, "w")
 
     states = tuple(
@@ -130,7 +238,7 @@ def build_flow(
         name=program.name,
         description=program.description,
         path=program.path,
-        sha256=hashlib.sha256(program.source.encode()).hexdigest(),
+        sha256=discrete.sha256,
         source=program.source,
         hyper=dict(model.hyper_values),
         hyper_symbols=dict(model.hyper),
@@ -140,4 +248,5 @@ def build_flow(
         w_drift=w_drift,
         stability=stab_spec,
         central_reason=reason,
+        discrete=discrete,
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
+from flowgen.flow.discrete import DiscreteSpec
 from flowgen.symbolic.model import rmean, rsum
 
 
@@ -21,10 +22,10 @@ def expr_str(e: sp.Expr | None) -> str | None:
 @dataclass(frozen=True)
 class StateFlow:
     name: str
-    kind: str  # counter | fast | slow
+    kind: str  # counter | fast | slow ("" when the flow was not derived)
     scalar: bool
-    init: sp.Expr  # in hyperparameters and w
-    rate: sp.Expr  # ds/dt before averaging (in g, t, states, hypers)
+    init: sp.Expr | None  # in hyperparameters and w (None when the flow was not derived)
+    rate: sp.Expr | None  # ds/dt before averaging (in g, t, states, hypers)
     drift: sp.Expr | None  # E[ds/dt] in Eg, Vg, states (None: no central flow)
     kappa: sp.Expr | None  # δs = κ·δg(w_t) on the flip mode (fast states)
     line: int = 0
@@ -62,15 +63,22 @@ class FlowSpec:
     hyper_symbols: dict[str, sp.Symbol]
     states: tuple[StateFlow, ...]
     statements: tuple[Statement, ...]
-    w_rate: sp.Expr
+    w_rate: sp.Expr | None
     w_drift: sp.Expr | None
     stability: StabilitySpec | None
     central_reason: str | None = None  # why there is no central flow, if there is none
     extras: dict = field(default_factory=dict)
+    discrete: DiscreteSpec | None = None  # the discrete step this flow was derived from
+    flow_reason: str | None = None  # why there is no flow at all (no rates), if there is none
 
     @property
     def has_central(self) -> bool:
         return self.central_reason is None
+
+    @property
+    def has_flow(self) -> bool:
+        """Rates exist (the stable flow); False for a spec of the discrete step alone."""
+        return self.flow_reason is None
 
     def state(self, name: str) -> StateFlow:
         for s in self.states:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import NoReturn
 
-from flowgen.errors import Location, OptCheckError, location_in
+from flowgen.errors import Location, OptCheckError, UsageError, location_in
 from flowgen.language.ast import (
     FUNCTIONS,
     REDUCTIONS,
@@ -33,8 +33,16 @@ from flowgen.language.ast import (
     Program,
     StateDecl,
 )
+from flowgen.language.consts import find_overflow, format_value, hyper_names
+from flowgen.language.limits import (
+    MAX_DEPTH,
+    MAX_EXPR_NODES,
+    MAX_PROGRAM_NODES,
+    depth_and_size,
+)
+from flowgen.language.printer import to_text
 
-__all__ = ["check_program", "expr_is_scalar", "local_kinds"]
+__all__ = ["check_hyper_values", "check_program", "expr_is_scalar", "local_kinds"]
 
 ROLES = {"w": "the parameters", "g": "the gradient", "t": "the step counter"}
 
@@ -411,19 +419,120 @@ def _check_update(prog: Program) -> dict[str, _Kind]:
 # ------------------------------------------------------------------ public
 
 
+def _check_limits(prog: Program) -> None:
+    """Depth and size of every expression (iteratively: before anything recurses)."""
+    total = 0
+    owners: list[tuple[Node, Expr]] = [(s, s.init) for s in prog.states]
+    owners += [(stmt, stmt.value) for stmt in prog.update]
+    for owner, expr in owners:
+        depth, nodes, deepest = depth_and_size(expr)
+        if depth > MAX_DEPTH:
+            _fail(
+                prog,
+                deepest if deepest.line else owner,
+                f"this expression nests {depth} operations (the limit is {MAX_DEPTH})",
+                hint="split it into several local assignments",
+            )
+        if nodes > MAX_EXPR_NODES:
+            _fail(
+                prog,
+                owner,
+                f"this expression has {nodes} terms (the limit is {MAX_EXPR_NODES})",
+                hint="split it into several local assignments",
+            )
+        total += nodes
+        if total > MAX_PROGRAM_NODES:
+            _fail(
+                prog,
+                owner,
+                f"the program has more than {MAX_PROGRAM_NODES} terms in its expressions",
+                hint="an update rule this long is out of flowgen's range",
+            )
+
+
+_FLOAT64_HINT = "float64 numbers reach about 1.8e308"
+
+
+def _check_constants(prog: Program) -> None:
+    """No constant subexpression overflows float64 at the hyperparameters' defaults."""
+    site = find_overflow(prog, prog.hyper_defaults)
+    if site is None:
+        return
+    hypers = hyper_names(site.node, prog.hyper_defaults)
+    at = ", ".join(f"{h} = {prog.hyper_defaults[h]:g}" for h in hypers)
+    _fail(
+        prog,
+        site.node,
+        f"`{to_text(site.node)}` overflows float64" + (f" with {at}" if at else ""),
+        hint=f"{_FLOAT64_HINT}; "
+        + ("change the hyperparameter's value" if hypers else "this constant is infinite"),
+    )
+
+
+def check_hyper_values(prog: Program, values: Mapping[str, object]) -> dict[str, float]:
+    """Validate hyperparameter overrides (``--set``, API keywords) of a checked program.
+
+    Returns them as floats. Raises :class:`UsageError` for an unknown name, a
+    value that is not a finite number, or one with which a constant
+    subexpression of the program overflows float64 (located there).
+    """
+    known = list(prog.hyper_defaults)
+    out: dict[str, float] = {}
+    for name, raw in values.items():
+        if name not in prog.hyper_defaults:
+            close = _closest(name, known)
+            hint = f"did you mean `{close}`?" if close else f"hyperparameters: {', '.join(known)}"
+            if not known:
+                hint = f"`{prog.name}` declares no hyperparameters"
+            raise UsageError(
+                f"--set {name}=...: `{prog.name}` has no hyperparameter `{name}`", hint=hint
+            )
+        try:
+            value = float(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            raise UsageError(
+                f"--set {name}: `{raw}` is not a number", hint=f"e.g. --set {name}=0.01"
+            ) from None
+        if not math.isfinite(value):
+            raise UsageError(
+                f"--set {name}={raw}: the value of `{name}` must be a finite number",
+                hint=f"{_FLOAT64_HINT}; give `{name}` a finite value",
+            )
+        out[name] = value
+    merged = {**prog.hyper_defaults, **out}
+    site = find_overflow(prog, merged)
+    if site is not None:
+        hypers = hyper_names(site.node, merged)
+        culprits = [h for h in hypers if h in out] or hypers
+        shown = " ".join(f"{h}={format_value(merged[h])}" for h in culprits)
+        raise UsageError(
+            f"--set {shown}: `{to_text(site.node)}` overflows float64 at this value",
+            location=_location(prog, site.node.line, site.node.column),
+            hint=f"{_FLOAT64_HINT}; choose a smaller value",
+        )
+    return out
+
+
 def check_program(prog: Program) -> None:
-    """Check a parsed program; raises :class:`OptCheckError` at the first problem."""
+    """Check a parsed program; raises :class:`OptCheckError` at the first problem.
+
+    In order: the size limits of :mod:`flowgen.language.limits`, declarations,
+    state initial values, the update block, and constant subexpressions
+    (no float64 overflow at the hyperparameters' defaults).
+    """
+    _check_limits(prog)
     try:
         _check_declarations(prog)
         _check_state_inits(prog)
         _check_update(prog)
-    except RecursionError:
+    except RecursionError:  # pragma: no cover - the limits keep expressions shallow
         _fail(
             prog,
             (prog.line or 1, prog.column or 1),
             "an expression is nested too deeply to check",
             hint="split it into several local assignments",
         )
+    _check_constants(prog)
 
 
 def local_kinds(prog: Program) -> dict[str, bool]:

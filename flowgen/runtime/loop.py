@@ -272,7 +272,7 @@ class Experiment:
         self.flows = {lane.name: lane for lane in flows}
         self.mode = "auto" if start == "auto" else ("common" if start is None else "fixed")
         self.eos_frac, self.eos_delay = float(eos_frac), int(eos_delay)
-        self.hmean = hmean
+        self.hmean = hmean and opt.has_precond  # no effective step: no harmonic mean
         self.store, self.resume = store, resume
         self.progress = progress or no_progress
         self.should_stop = should_stop or (lambda: False)

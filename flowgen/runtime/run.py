@@ -78,7 +78,8 @@ def run_stable(
         opt,
         problem,
         steps=config.steps,
-        flows=(FlowLane("stable", stable, measure_sharpness=True),),
+        # no derived flow (the derivation refused the file): the discrete run alone
+        flows=(FlowLane("stable", stable, measure_sharpness=True),) if opt.spec.has_flow else (),
         start=config.start_step,
         chunk=config.chunk,
         eig_every=config.eig_every,
@@ -114,6 +115,7 @@ def run_stable(
             "start_step": exp.flow_start,
             "n_params": int(problem.n),
             "stable_solver": getattr(stable_proc, "solver_name", None),
+            "no_flow_reason": opt.spec.flow_reason,
         },
         devices=exp.placement.describe(),
     )

@@ -20,6 +20,7 @@ import sympy as sp
 
 from flowgen.errors import DerivationError, location_in
 from flowgen.language import ast
+from flowgen.symbolic import budget
 
 # ------------------------------------------------------------------ reductions
 
@@ -29,6 +30,7 @@ class rsum(sp.Function):
 
     nargs = 1
     is_real = True
+    is_number = False  # sum(1) = n is not a number the algebra may evaluate or compare
 
     def _sympystr(self, printer):
         return f"sum({printer._print(self.args[0])})"
@@ -47,6 +49,13 @@ class rmean(sp.Function):
 
     nargs = 1
     is_real = True
+    is_number = False
+
+    @classmethod
+    def eval(cls, arg):
+        if arg.is_number:  # the mean of a constant is the constant
+            return arg
+        return None
 
     def _sympystr(self, printer):
         return f"mean({printer._print(self.args[0])})"
@@ -144,15 +153,44 @@ def hyper_symbol(name: str, value: float) -> sp.Symbol:
 
 
 def number(node: ast.Num) -> sp.Expr:
-    """Exact rational for literals written as decimals (0.9 -> 9/10)."""
+    """Exact rational for literals written as decimals (0.9 -> 9/10).
+
+    A literal whose float64 value is 0 or subnormal although its text is not
+    zero (``1e-400``) is taken at its float64 value, like the discrete step
+    computes it (and no 400-digit denominators enter the algebra).
+    """
+    value = float(node.value)
+    if value == 0.0 or abs(value) < 2.2250738585072014e-308:
+        return sp.Integer(0) if value == 0.0 else sp.Float(value)
     try:
-        return sp.Rational(node.text) if node.text else sp.Float(node.value)
+        return sp.Rational(node.text) if node.text else sp.Float(value)
     except (TypeError, ValueError):
-        return sp.Float(node.value)
+        return sp.Float(value)
+
+
+class NotReal(ValueError):
+    """A value the derivation cannot treat as a real number, at ``node``."""
+
+    def __init__(self, node: ast.Node, reason: str):
+        super().__init__(reason)
+        self.node = node
+        self.reason = reason
 
 
 def to_sympy(expr: ast.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
-    """Build a sympy expression from an AST expression (no ``sympify``)."""
+    """Build a sympy expression from an AST expression (no ``sympify``).
+
+    Raises :class:`NotReal` at a node whose value sympy knows is not real
+    (``log(-lr)``, ``sqrt(-lr)`` with ``lr > 0``: NaN in float64), or that it
+    cannot order where ``min``/``max`` must (a comparison of non-real values).
+    """
+    out = _to_sympy(expr, env)
+    if out.is_real is False or out.has(sp.zoo, sp.nan):
+        raise NotReal(expr, "is not a real number (NaN in float64 arithmetic)")
+    return out
+
+
+def _to_sympy(expr: ast.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
     if isinstance(expr, ast.Num):
         return number(expr)
     if isinstance(expr, ast.Name):
@@ -186,10 +224,11 @@ def to_sympy(expr: ast.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
                 return sp.Abs(args[0])
             case "sign":
                 return sp.sign(args[0])
-            case "min":
-                return sp.Min(*args)
-            case "max":
-                return sp.Max(*args)
+            case "min" | "max":
+                try:
+                    return (sp.Min if expr.func == "min" else sp.Max)(*args)
+                except (TypeError, ValueError):
+                    raise NotReal(expr, "compares values that are not real numbers") from None
             case "sum":
                 return rsum(args[0])
             case "mean":
@@ -200,15 +239,35 @@ def to_sympy(expr: ast.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
     raise AssertionError(type(expr))
 
 
+def _located(program: ast.Program, exc: NotReal) -> DerivationError:
+    from flowgen.language.printer import to_text
+
+    node = exc.node
+    loc = None
+    if node.line:
+        loc = location_in(program.path or "<string>", program.source, node.line, node.column)
+    return DerivationError(
+        f"`{to_text(node)}` {exc.reason}; the derivation works with real values",
+        location=loc,
+        hint="the discrete optimizer computes it as NaN (flowgen codegen, run)",
+    )
+
+
 def build_model(program: ast.Program, overrides: dict[str, float] | None = None) -> StepModel:
     """The step map of a checked program (``overrides`` replace hyper defaults)."""
     values = dict(program.hyper_defaults)
     values.update(overrides or {})
     hyper = {h: hyper_symbol(h, v) for h, v in values.items()}
+    try:
+        return _build_model(program, values, hyper)
+    except NotReal as exc:
+        raise _located(program, exc) from None
+
+
+def _build_model(program: ast.Program, values: dict, hyper: dict) -> StepModel:
     states = program.state_names
     plain = {s: sp.Symbol(s, real=True) for s in states}
     base = {**hyper, "g": G, "w": W, "t": T, **plain}
-
     init = {}
     for s in program.states:
         init[s.name] = to_sympy(s.init, {**hyper, "w": W})
@@ -218,6 +277,7 @@ def build_model(program: ast.Program, overrides: dict[str, float] | None = None)
     statements, f, assign_node = [], {}, {}
     w_new = None
     for node in program.update:
+        budget.stage(f"the statement of `{node.target}`", node)
         raw = to_sympy(node.value, raw_env)
         value = to_sympy(node.value, env)
         if node.target == "w":
@@ -268,6 +328,7 @@ def build_model(program: ast.Program, overrides: dict[str, float] | None = None)
 
 def simp(e: sp.Expr) -> sp.Expr:
     """Cheap rational simplification (``cancel``), enough for update rules."""
+    budget.check()
     return sp.cancel(sp.together(e))
 
 
@@ -320,6 +381,7 @@ def tidy_signs(expr: sp.Expr) -> sp.Expr:
 def tidy(expr: sp.Expr) -> sp.Expr:
     """A readable normal form: the shorter of the cancelled and factored forms, signs tidied."""
     e = simp(expr)
+    budget.check()
     f = sp.factor(e)
     best = f if sp.count_ops(f) <= sp.count_ops(e) else e
     return tidy_signs(best)

@@ -185,15 +185,19 @@ def _numeric(expr, vals, extra=None):
 
 
 def _spectral_radius(Jnum, lam: float) -> float:
-    return float(np.max(np.abs(np.linalg.eigvals(Jnum(lam)))))
+    with np.errstate(all="ignore"):
+        J = Jnum(lam)
+    if not np.all(np.isfinite(J)):  # float64 overflow of the map: unstable
+        return np.inf
+    return float(np.max(np.abs(np.linalg.eigvals(J))))
 
 
 def _find_crossing(Jnum) -> tuple[float | None, str]:
     grid = np.logspace(-8, 8, 1601)
     rho = np.array([_spectral_radius(Jnum, x) for x in grid])
     tol = 1e-10
-    if rho[0] > 1 + 1e-6:
-        return None, "unstable"
+    if rho[0] > 1 + tol:  # e.g. gradient ascent: unstable from the smallest curvature on
+        return None, "unstable everywhere" if np.all(rho > 1 + tol) else "unstable"
     bad = np.nonzero(rho > 1 + tol)[0]
     if len(bad) == 0:
         return None, "stable"
@@ -245,11 +249,10 @@ def analyse(model: StepModel, classes: dict[str, str]) -> Stability:
 
     lam_c, kind = _find_crossing(Jnum)
     if lam_c is None:
-        note = (
-            "the linearised map is stable for every curvature λ > 0"
-            if kind == "stable"
-            else "the linearised map is unstable already at vanishing curvature"
-        )
+        note = {
+            "stable": "the linearised map is stable for every curvature λ > 0",
+            "unstable everywhere": "the linearised map is unstable at every curvature λ > 0",
+        }.get(kind, "the linearised map is unstable already at vanishing curvature")
         return Stability(NONE, chi, None, lm.p, None, None, {}, note)
 
     p = None if lm.p is None else tidy_signs(sp.factor(lm.p))
