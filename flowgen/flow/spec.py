@@ -21,6 +21,12 @@ def expr_str(e: sp.Expr | None) -> str | None:
     return s
 
 
+#: how internal quantities print in every output: the plain letter, or an accented one when
+#: the file uses that letter as a name (a file's names are ASCII identifiers, so Greek and
+#: accented letters are always free: the multiplier μ, the curvature λ, α = λ·p)
+INTERNAL_NAMES = {"p": ("p", "p̂"), "c": ("c", "ĉ")}
+
+
 @dataclass(frozen=True)
 class StateFlow:
     name: str
@@ -91,6 +97,18 @@ class FlowSpec:
     @property
     def moment_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.moments)
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every name the file declares or assigns."""
+        return frozenset(
+            {*self.hyper, *(s.name for s in self.states), *(st.target for st in self.statements)}
+        )
+
+    def shown(self, key: str) -> str:
+        """How the internal quantity ``key`` (``"p"``, ``"c"``) prints for this file."""
+        plain, alt = INTERNAL_NAMES[key]
+        return alt if plain in self.names else plain
 
     @property
     def has_central(self) -> bool:

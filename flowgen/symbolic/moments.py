@@ -47,6 +47,7 @@ class Moment:
     name: str  # the symbol's name: expressions, JSON, the generated drift's argument
     symbol: sp.Symbol
     meaning: str  # plain text (JSON "notation")
+    short: str  # plain text, short (generated docstrings): "E[g]"
     unicode: str  # terminal: "Eg = E[g] = ∇L + ½∇⟨H,Σ⟩"
     latex: str  # LaTeX symbol
     latex_meaning: str  # LaTeX definition
@@ -59,6 +60,7 @@ EG = Moment(
     name="Eg",
     symbol=sp.Symbol("Eg", real=True),
     meaning="E[g] = grad L + 1/2 grad<H, Sigma> (per coordinate)",
+    short="E[g]",
     unicode="Eg = E[g] = ∇L + ½∇⟨H,Σ⟩",
     latex=r"\mathbb{E}[g]",
     latex_meaning=r"\mathbb{E}[g] = \nabla L + \tfrac12 \nabla\langle H, \Sigma\rangle",
@@ -68,6 +70,7 @@ VG = Moment(
     name="Vg",
     symbol=sp.Symbol("Vg", nonnegative=True),
     meaning="Var[g] = diag(H Sigma H) (per coordinate)",
+    short="diag(H Sigma H)",
     unicode="Vg = Var[g] = diag(HΣH)",
     latex=r"\operatorname{Var}[g]",
     latex_meaning=r"\operatorname{Var}[g] = \operatorname{diag}(H \Sigma H)",
