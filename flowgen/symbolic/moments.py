@@ -193,7 +193,7 @@ def average(
         R = holders[r]
         if sp.diff(body, R, 2) != 0 or sp.cancel(sp.diff(body, R, EPS)) != 0:
             if on_cross_coordinate is not None:
-                on_cross_coordinate(r)
+                on_cross_coordinate(r.xreplace({EPS: 0}))
             raise ValueError(f"nonlinear in the oscillating reduction {r}")
 
     def second_order(e: sp.Expr) -> sp.Expr:
