@@ -249,19 +249,25 @@ LATEX_INTERNAL = {r"\lambda", r"\mu", r"\alpha", "p", "c", "H", "P", "L", r"\Sig
 
 def latex_names(spec: FlowSpec | None, free: set) -> dict:
     """``symbol_names`` for :func:`sympy.latex`: the moments, conventional Greek names for
-    ``lr``/``eps``, and upright names wherever a file's name would look like another thing."""
+    ``lr``/``eps`` where free, and upright names wherever a file's name would look like
+    flowgen's own symbols or like another of the file's names."""
+    from collections import Counter
+
     user = sorted({s.name for s in free} | (set(spec.names) if spec is not None else set()))
-    default = {n: sp.latex(sp.Symbol(n)) for n in user}
-    chosen = {n: LATEX_NAMES.get(n, default[n]) for n in user}
-    taken = list(chosen.values())
+    user = [n for n in user if n not in {m.name for m in MOMENTS}]
+
+    def upright(n):
+        return r"\mathrm{" + n.replace("_", r"\_") + "}"
+
     out = {}
     for n in user:
-        r = chosen[n]
-        if r in LATEX_INTERNAL or taken.count(r) > 1:
-            r = default[n] if default[n] != r and taken.count(default[n]) <= 1 else None
-            if r is None or r in LATEX_INTERNAL:
-                r = r"\mathrm{" + n.replace("_", r"\_") + "}"
-        out[n] = r
+        r = sp.latex(sp.Symbol(n))
+        out[n] = upright(n) if r in LATEX_INTERNAL else r
+    for n, conventional in LATEX_NAMES.items():
+        if n in out and conventional not in out.values():
+            out[n] = conventional
+    counts = Counter(out.values())
+    out = {n: (upright(n) if counts[r] > 1 else r) for n, r in out.items()}
     for m in MOMENTS:
         out[m.name] = m.latex
     return out
