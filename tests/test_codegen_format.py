@@ -212,7 +212,7 @@ def test_long_rules_stay_within_the_line_length_and_compute_the_same():
     u = sum(h[f"beta{i}"] * m * g ** (1 + i % 3) for i in range(14))
     np.testing.assert_allclose(np.asarray(w1), w - 0.01 * u / np.sqrt(1 + m**2 + u**2), rtol=1e-12)
     # the optax module too
-    osrc = flowgen.api.OptFile(prog).optax_source()
+    osrc = flowgen.OptFile(prog).optax_source()
     assert ruff_format(osrc) == osrc
     assert max(len(ln) for ln in _code_lines(osrc)) <= 100
 
