@@ -361,3 +361,13 @@ def test_names_of_the_generated_module_are_escaped():
     # states: 2, then 0.5*2 + 2 = 3; step -0.1*states
     np.testing.assert_allclose(u["a"], -0.1 * 3.0 * np.ones(3), rtol=1e-15)
     np.testing.assert_allclose(s.states["states"]["a"], 3.0 * np.ones(3), rtol=1e-15)
+
+
+def test_user_training_loop_example_trains():
+    """examples/train_with_adan.py: minibatch Adan (from its .opt file) inside optax.chain,
+    in float32, reaches a useful accuracy quickly."""
+    example = import_file(ROOT / "examples" / "train_with_adan.py", "train_with_adan")
+    lines = []
+    acc = example.train(steps=200, log=lines.append)
+    assert acc > 0.9, lines
+    assert lines[0].startswith("step    1") and "test accuracy" in lines[-1]
