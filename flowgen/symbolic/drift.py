@@ -104,11 +104,14 @@ def average(model: StepModel, rate: sp.Expr, osc: Oscillation, who: str) -> sp.E
             model.assign_node.get(who),
         )
 
-    return tidy(moments.average(rate, osc, REDUCTION_CLASSES, on_cross_coordinate=refuse))
+    out = moments.average(rate, osc, REDUCTION_CLASSES, on_cross_coordinate=refuse)
+    if out == rate.xreplace({G: moments.MEAN}):  # linear in what oscillates: already tidy
+        return out
+    return tidy(out)
 
 
 def at_rest(model: StepModel, rate: sp.Expr) -> sp.Expr:
     """A raw rate without oscillation: delay states read their argument's value."""
-    if not model.delays:
+    if not {sp.Symbol(d, real=True) for d in model.delays} & rate.free_symbols:
         return rate
     return tidy(oscillation(model, {}, None).at_rest(rate))

@@ -113,6 +113,8 @@ class LinearMap:
     p: sp.Expr | None  # effective step size (None: see p_reason)
     p_reason: str = ""  # why there is no p, in one sentence
     atoms: dict = field(default_factory=dict)  # Dummy -> the frozen subexpression it stands for
+    J0: sp.Matrix | None = None  # J at λ = 0 (the map's direct response)
+    b: sp.Matrix | None = None  # response to the gradient: J = J0 + λ·b·e_wᵀ
 
     def restore(self, expr):
         """``expr`` in the frozen states and counters again."""
@@ -201,6 +203,20 @@ def _zero_frequency_gain(
                 level[i] = simp(sol[k])
         except (ValueError, ZeroDivisionError):
             pass
+    if all(level[i] == 0 for i in range(1, n)):
+        # nothing follows the level of w: w' = w + a·z + a_g·g, z' = A z + b_z g, so the
+        # steady-state gain is a_g + a (I − A)⁻¹ b_z (no transfer function needed)
+        if n == 1:
+            return simp(b[0]), ""
+        A, bz = J0[1:, 1:], b[1:, 0]
+        M = sp.eye(n - 1) - A
+        if simp(M.det(method="berkowitz")) == 0:
+            return None, (
+                "under a constant gradient the step grows without bound (the oscillating "
+                "states have no fixed point), so there is no effective step p"
+            )
+        zstar = M.LUsolve(bz)
+        return simp(b[0] + (J0[0, 1:] * zstar)[0, 0]), ""
     residual = J0 * level - level
     J0p = J0.copy()
     for i in range(n):
@@ -283,7 +299,7 @@ def linear_map(model: StepModel, classes: dict[str, str]) -> LinearMap:
                         "not a state of the flow, so there is no effective step p"
                     ),
                 )
-    return LinearMap(variables, J, p, reason, atoms)
+    return LinearMap(variables, J, p, reason, atoms, J0, b)
 
 
 # ------------------------------------------------------------------- numerics
@@ -378,14 +394,14 @@ def _free_of_frozen(expr: sp.Expr, lm: LinearMap, model: StepModel) -> sp.Expr |
 
 
 def _monic(chi: sp.Expr) -> sp.Expr:
-    """``χ/lc(χ)`` collected in ``μ``: polynomial coefficients expanded, rational ones tidied."""
+    """``χ/lc(χ)`` collected in ``μ``: expanded when its coefficients are polynomials,
+    else coefficient by coefficient (a common denominator kept, not distributed)."""
     poly = sp.Poly(chi, MU)
     lc = poly.LC()
-    terms = []
-    for (k,), c in zip(poly.monoms(), poly.coeffs(), strict=True):
-        c = sp.cancel(c / lc)
-        c = sp.expand(c) if sp.denom(c) == 1 else tidy(c)
-        terms.append(c * MU**k)
+    coeffs = [sp.cancel(c / lc) for c in poly.coeffs()]
+    if all(sp.denom(c) == 1 for c in coeffs):
+        return sp.collect(sp.expand(simp(poly.as_expr() / lc)), MU)
+    terms = [c * MU**k for (k,), c in zip(poly.monoms(), coeffs, strict=True)]
     return sp.collect(sp.Add(*terms), MU)
 
 
@@ -409,7 +425,10 @@ def _late_training(expr: sp.Expr, model: StepModel) -> sp.Expr:
 def analyse(model: StepModel, classes: dict[str, str]) -> Stability:
     lm = linear_map(model, classes)
     n = lm.J.shape[0]
-    chi = simp((MU * sp.eye(n) - lm.J).det(method="berkowitz"))
+
+    def char_poly(J):
+        return simp((MU * sp.eye(n) - J).det(method="berkowitz"))
+
     vals = sample_values(model)
     Jsample = _numeric(lm.restore(lm.J), vals)
     if any(e.has(sp.zoo, sp.nan, sp.oo) for e in Jsample):
@@ -441,12 +460,14 @@ def analyse(model: StepModel, classes: dict[str, str]) -> Stability:
             "stable": "the linearised map is stable for every curvature λ > 0",
             "unstable everywhere": "the linearised map is unstable at every curvature λ > 0",
         }.get(kind, "the linearised map is unstable already at vanishing curvature")
-        return Stability(NONE, lm.restore(chi), None, p_out, None, None, {}, note, step_note)
+        chi = lm.restore(char_poly(lm.J))
+        return Stability(NONE, chi, None, p_out, None, None, {}, note, step_note)
 
     # in the dimensionless curvature α = λ·p the polynomial is free of the frozen states
-    var, chi_v, target = (LAM, chi, lam_c)
+    var, chi_v, target = (LAM, None, lam_c)
     if p is not None:
-        chi_a = sp.collect(sp.expand(simp(chi.subs(LAM, A / p))), MU)
+        # λ = α/p entry by entry (cheap), then one determinant
+        chi_a = sp.collect(sp.expand(char_poly(lm.J.subs(LAM, A / p).applyfunc(simp))), MU)
         free = _free_of_frozen(chi_a, lm, model)
         if free is None:  # bias corrections: the late-training threshold
             late = _late_training(lm.restore(chi_a), model)
@@ -465,8 +486,8 @@ def analyse(model: StepModel, classes: dict[str, str]) -> Stability:
         else:
             p_num = complex(sp.N(_numeric(p_out, vals))).real
             var, chi_v, target = A, chi_a, lam_c * p_num
-    if var is LAM and lm.atoms:
-        chi_v = lm.restore(chi_v)
+    if var is LAM:
+        chi_v = lm.restore(char_poly(lm.J))
     chi_v = _monic(chi_v)
     chi_poly = sp.Poly(chi_v, MU)
     if kind == FLIP:
@@ -539,15 +560,18 @@ def _threshold_value(c: sp.Expr, vals) -> float | None:
 
 def _kappa(lm: LinearMap, lam_star: sp.Expr) -> dict[str, sp.Expr]:
     """``δf = κ δg(w_t)`` on the flip mode: the eigenvector of ``J(λ*)`` at ``μ = −1``
-    with ``v_w = 1`` solves ``(J_ff + I) v_f = −J_fw``; ``κ = v_f / λ*``."""
+    with ``v_w = 1`` solves ``(J_ff + I) v_f = −J_fw``; ``κ = v_f / λ*``. Only the ``w``
+    column of ``J`` depends on ``λ`` (``J = J₀ + λ·b·e_wᵀ``), so
+    ``κ = −(J₀,ff + I)⁻¹ (b_f + J₀,fw/λ*)``."""
     if len(lm.variables) == 1:
         return {}
-    M = (lm.J + sp.eye(lm.J.shape[0])).subs(LAM, lam_star).applyfunc(simp)
-    Jff, Jfw = M[1:, 1:], M[1:, 0]
+    n = lm.J.shape[0]
+    Aff = (lm.J0[1:, 1:] + sp.eye(n - 1)).applyfunc(simp)
+    rhs = lm.b[1:, 0] + lm.J0[1:, 0] / lam_star
     try:
-        vf = Jff.LUsolve(-Jfw)
+        vf = Aff.LUsolve(-rhs)
     except (ValueError, ZeroDivisionError):
         return {}
     if any(e.has(sp.zoo, sp.nan) for e in vf):
         return {}
-    return {f: simp(vf[i] / lam_star) for i, f in enumerate(lm.variables[1:])}
+    return {f: simp(vf[i]) for i, f in enumerate(lm.variables[1:])}
