@@ -7,11 +7,11 @@ Do not edit: regenerate with `flowgen codegen`.
 Update rule (one step, g = grad L(w), t = 1, 2, ...):
     diff <- g - gp
     gp <- g
-    m <- beta1*m + g*(1 - beta1)
-    d <- beta2*d + diff*(1 - beta2)
-    n <- beta3*n + (1 - beta3)*(beta2*diff + g)**2
-    u <- (beta2*d/(1 - beta2**t) + m/(1 - beta1**t))/(eps + sqrt(n/(1 - beta3**t)))
-    w <- (-lr*u + w)/(lr*weight_decay + 1)
+    m <- beta1 * m + (1 - beta1) * g
+    d <- beta2 * d + (1 - beta2) * diff
+    n <- beta3 * n + (1 - beta3) * (g + beta2 * diff)^2
+    u <- (m / (1 - beta1^t) + beta2 * d / (1 - beta2^t)) / (sqrt(n / (1 - beta3^t)) + eps)
+    w <- (w - lr * u) / (1 + lr * weight_decay)
 """
 
 import jax.numpy as jnp
@@ -30,6 +30,8 @@ STATE_KINDS = {"m": "fast", "d": "fast", "n": "slow", "gp": "delay"}
 SCALAR_STATES = ()
 THRESHOLD = 23.0500582072  # c: stability threshold on lambda_max(P^-1 H)
 HAS_CENTRAL_FLOW = True
+HAS_FLOW = True  # rates, precond, drift, threshold derived
+NO_FLOW_REASON = None
 # the ODE states of the stable and central flows: every state but the delay states
 FLOW_STATES = ("m", "d", "n")
 # what drift() reads after (w, state): each moment is a sum of coef * einsum(spec,
@@ -43,10 +45,10 @@ MOMENTS = {
 def init_state(w, hyper=HYPER):
     """Initial optimizer state: m = 0; d = 0; n = 0; gp = 0."""
     return {
-        "m": jnp.zeros_like(w) + (0),
-        "d": jnp.zeros_like(w) + (0),
-        "n": jnp.zeros_like(w) + (0),
-        "gp": jnp.zeros_like(w) + (0),
+        "m": jnp.zeros_like(w),
+        "d": jnp.zeros_like(w),
+        "n": jnp.zeros_like(w),
+        "gp": jnp.zeros_like(w),
     }
 
 
@@ -55,42 +57,45 @@ def step(w, state, g, t, hyper=HYPER):
 
     diff <- g - gp
     gp <- g
-    m <- beta1*m + g*(1 - beta1)
-    d <- beta2*d + diff*(1 - beta2)
-    n <- beta3*n + (1 - beta3)*(beta2*diff + g)**2
-    u <- (beta2*d/(1 - beta2**t) + m/(1 - beta1**t))/(eps + sqrt(n/(1 - beta3**t)))
-    w <- (-lr*u + w)/(lr*weight_decay + 1)
+    m <- beta1 * m + (1 - beta1) * g
+    d <- beta2 * d + (1 - beta2) * diff
+    n <- beta3 * n + (1 - beta3) * (g + beta2 * diff)^2
+    u <- (m / (1 - beta1^t) + beta2 * d / (1 - beta2^t)) / (sqrt(n / (1 - beta3^t)) + eps)
+    w <- (w - lr * u) / (1 + lr * weight_decay)
     """
-    lr = hyper["lr"]
-    beta1 = hyper["beta1"]
-    beta2 = hyper["beta2"]
-    beta3 = hyper["beta3"]
-    eps = hyper["eps"]
-    weight_decay = hyper["weight_decay"]
+    lr = jnp.asarray(hyper["lr"], dtype=w.dtype)
+    beta1 = jnp.asarray(hyper["beta1"], dtype=w.dtype)
+    beta2 = jnp.asarray(hyper["beta2"], dtype=w.dtype)
+    beta3 = jnp.asarray(hyper["beta3"], dtype=w.dtype)
+    eps = jnp.asarray(hyper["eps"], dtype=w.dtype)
+    weight_decay = jnp.asarray(hyper["weight_decay"], dtype=w.dtype)
+    t = jnp.asarray(t, dtype=w.dtype)
     m = state["m"]
     d = state["d"]
     n = state["n"]
     gp = state["gp"]
     diff = g - gp
     gp = g
-    m = beta1 * m + g * (1 - beta1)
-    d = beta2 * d + diff * (1 - beta2)
-    n = beta3 * n + (1 - beta3) * (beta2 * diff + g) ** 2
-    u = (beta2 * d / (1 - beta2**t) + m / (1 - beta1**t)) / (eps + jnp.sqrt(n / (1 - beta3**t)))
-    w = (-lr * u + w) / (lr * weight_decay + 1)
+    m = beta1 * m + (1.0 - beta1) * g
+    d = beta2 * d + (1.0 - beta2) * diff
+    n = beta3 * n + (1.0 - beta3) * (g + beta2 * diff) ** 2.0
+    x0 = m / (1.0 - beta1**t) + beta2 * d / (1.0 - beta2**t)
+    u = x0 / (jnp.sqrt(n / (1.0 - beta3**t)) + eps)
+    w = (w - lr * u) / (1.0 + lr * weight_decay)
     return w, {"m": m, "d": d, "n": n, "gp": gp}
 
 
 def precond(w, state, t, hyper=HYPER):
     """Effective step size p (P^-1 = diag(p)):  p = lr/((1 - beta1**t)*(eps + sqrt(n/(1 - beta3**t)))*(lr*weight_decay + 1))"""
-    lr = hyper["lr"]
-    beta1 = hyper["beta1"]
-    beta3 = hyper["beta3"]
-    eps = hyper["eps"]
-    weight_decay = hyper["weight_decay"]
+    lr = jnp.asarray(hyper["lr"], dtype=w.dtype)
+    beta1 = jnp.asarray(hyper["beta1"], dtype=w.dtype)
+    beta3 = jnp.asarray(hyper["beta3"], dtype=w.dtype)
+    eps = jnp.asarray(hyper["eps"], dtype=w.dtype)
+    weight_decay = jnp.asarray(hyper["weight_decay"], dtype=w.dtype)
+    t = jnp.asarray(t, dtype=w.dtype)
     n = state["n"]
-    x0 = eps + jnp.sqrt(n / (1 - beta3**t))
-    return jnp.broadcast_to(lr / (x0 * (1 - beta1**t) * (lr * weight_decay + 1)), w.shape)
+    x0 = (1.0 - beta1**t) * (eps + jnp.sqrt(n / (1.0 - beta3**t))) * (lr * weight_decay + 1.0)
+    return jnp.broadcast_to(lr / x0, w.shape)
 
 
 def rates(w, state, g, t, hyper=HYPER):
@@ -101,18 +106,19 @@ def rates(w, state, g, t, hyper=HYPER):
     dd/dt = -d*(1 - beta2)/beta2
     dn/dt = (1 - beta3)*(g**2 - n)/beta3
     """
-    lr = hyper["lr"]
-    beta1 = hyper["beta1"]
-    beta2 = hyper["beta2"]
-    beta3 = hyper["beta3"]
-    eps = hyper["eps"]
-    weight_decay = hyper["weight_decay"]
+    lr = jnp.asarray(hyper["lr"], dtype=w.dtype)
+    beta1 = jnp.asarray(hyper["beta1"], dtype=w.dtype)
+    beta2 = jnp.asarray(hyper["beta2"], dtype=w.dtype)
+    beta3 = jnp.asarray(hyper["beta3"], dtype=w.dtype)
+    eps = jnp.asarray(hyper["eps"], dtype=w.dtype)
+    weight_decay = jnp.asarray(hyper["weight_decay"], dtype=w.dtype)
+    t = jnp.asarray(t, dtype=w.dtype)
     m = state["m"]
     d = state["d"]
     n = state["n"]
     x0 = beta1**t
     x1 = beta2**t
-    x2 = jnp.sqrt(-n / (beta3**t - 1))
+    x2 = jnp.sqrt(-n / (beta3**t - 1.0))
     x3 = -m
     x4 = beta2 * d
     x5 = w * weight_decay
@@ -121,12 +127,12 @@ def rates(w, state, g, t, hyper=HYPER):
     x8 = x2 * x5
     x9 = x0 * x8
     x10 = m * x1 + x0 * x4 + x1 * x6 - x1 * x7 + x1 * x8 - x1 * x9 + x3 - x4 - x6 + x7 - x8 + x9
-    x11 = lr * weight_decay + 1
-    dw = jnp.zeros_like(w) + (lr * x10 / (x11 * (eps + x2) * (x0 - 1) * (x1 - 1)))
+    x11 = (eps + x2) * (x0 - 1.0) * (x1 - 1.0) * (lr * weight_decay + 1.0)
+    dw = jnp.zeros_like(w) + (lr * x10 / x11)
     return dw, {
-        "m": jnp.zeros_like(state["m"]) + (-(beta1 - 1) * (g + x3) / beta1),
-        "d": jnp.zeros_like(state["d"]) + (d * (beta2 - 1) / beta2),
-        "n": jnp.zeros_like(state["n"]) + (-(beta3 - 1) * (g**2 - n) / beta3),
+        "m": jnp.zeros_like(state["m"]) + (-(beta1 - 1.0) * (g + x3) / beta1),
+        "d": jnp.zeros_like(state["d"]) + (d * (beta2 - 1.0) / beta2),
+        "n": jnp.zeros_like(state["n"]) + (-(beta3 - 1.0) * (g**2.0 - n) / beta3),
     }
 
 
@@ -138,18 +144,19 @@ def drift(w, state, Eg, Vg, t, hyper=HYPER):
     dd/dt = -d*(1 - beta2)/beta2
     dn/dt = (1 - beta3)*(Eg**2 + 4*Vg*beta2**2 + 4*Vg*beta2 + Vg - n)/beta3
     """
-    lr = hyper["lr"]
-    beta1 = hyper["beta1"]
-    beta2 = hyper["beta2"]
-    beta3 = hyper["beta3"]
-    eps = hyper["eps"]
-    weight_decay = hyper["weight_decay"]
+    lr = jnp.asarray(hyper["lr"], dtype=w.dtype)
+    beta1 = jnp.asarray(hyper["beta1"], dtype=w.dtype)
+    beta2 = jnp.asarray(hyper["beta2"], dtype=w.dtype)
+    beta3 = jnp.asarray(hyper["beta3"], dtype=w.dtype)
+    eps = jnp.asarray(hyper["eps"], dtype=w.dtype)
+    weight_decay = jnp.asarray(hyper["weight_decay"], dtype=w.dtype)
+    t = jnp.asarray(t, dtype=w.dtype)
     m = state["m"]
     d = state["d"]
     n = state["n"]
     x0 = beta1**t
     x1 = beta2**t
-    x2 = jnp.sqrt(-n / (beta3**t - 1))
+    x2 = jnp.sqrt(-n / (beta3**t - 1.0))
     x3 = -m
     x4 = beta2 * d
     x5 = w * weight_decay
@@ -157,15 +164,15 @@ def drift(w, state, Eg, Vg, t, hyper=HYPER):
     x7 = x0 * x6
     x8 = x2 * x5
     x9 = x0 * x8
-    x10 = 4 * Vg
+    x10 = 4.0 * Vg
     x11 = m * x1 + x0 * x4 + x1 * x6 - x1 * x7 + x1 * x8 - x1 * x9 + x3 - x4 - x6 + x7 - x8 + x9
-    x12 = lr * weight_decay + 1
-    dw = jnp.zeros_like(w) + (lr * x11 / (x12 * (eps + x2) * (x0 - 1) * (x1 - 1)))
-    x13 = Eg**2 + Vg + beta2**2 * x10 + beta2 * x10 - n
+    x12 = (eps + x2) * (x0 - 1.0) * (x1 - 1.0) * (lr * weight_decay + 1.0)
+    dw = jnp.zeros_like(w) + (lr * x11 / x12)
+    x13 = -(beta3 - 1.0) * (Eg**2.0 + Vg + beta2**2.0 * x10 + beta2 * x10 - n)
     return dw, {
-        "m": jnp.zeros_like(state["m"]) + (-(Eg + x3) * (beta1 - 1) / beta1),
-        "d": jnp.zeros_like(state["d"]) + (d * (beta2 - 1) / beta2),
-        "n": jnp.zeros_like(state["n"]) + (-x13 * (beta3 - 1) / beta3),
+        "m": jnp.zeros_like(state["m"]) + (-(Eg + x3) * (beta1 - 1.0) / beta1),
+        "d": jnp.zeros_like(state["d"]) + (d * (beta2 - 1.0) / beta2),
+        "n": jnp.zeros_like(state["n"]) + (x13 / beta3),
     }
 
 
@@ -175,6 +182,6 @@ def threshold(hyper=HYPER):
     beta1 = hyper["beta1"]
     beta2 = hyper["beta2"]
     weight_decay = hyper["weight_decay"]
-    x0 = -2 * beta1 * beta2**2 + beta1 * beta2 - beta1 - 2 * beta2**2 + 3 * beta2 + 1
-    x1 = lr * weight_decay + 1
-    return float((beta1 + 1) * (beta2 + 1) * (lr * weight_decay + 2) / (x0 * x1))
+    x0 = -2.0 * beta1 * beta2**2.0 + beta1 * beta2 - beta1 - 2.0 * beta2**2.0 + 3.0 * beta2 + 1.0
+    x1 = (beta1 + 1.0) * (beta2 + 1.0) * (lr * weight_decay + 2.0)
+    return float(x1 / ((lr * weight_decay + 1.0) * x0))

@@ -5,9 +5,9 @@ sha256 of the source: ffb28d7fabf5f1384f46010eea9a1d456dfed4c771f2a57d3bb733daf9
 Do not edit: regenerate with `flowgen codegen`.
 
 Update rule (one step, g = grad L(w), t = 1, 2, ...):
-    d <- 2*g - gp
+    d <- 2 * g - gp
     gp <- g
-    w <- -d*lr + w
+    w <- w - lr * d
 """
 
 import jax.numpy as jnp
@@ -19,6 +19,8 @@ STATE_KINDS = {"gp": "delay"}
 SCALAR_STATES = ()
 THRESHOLD = 0.666666666667  # c: stability threshold on lambda_max(P^-1 H)
 HAS_CENTRAL_FLOW = True
+HAS_FLOW = True  # rates, precond, drift, threshold derived
+NO_FLOW_REASON = None
 # the ODE states of the stable and central flows: every state but the delay states
 FLOW_STATES = ()
 # what drift() reads after (w, state): each moment is a sum of coef * einsum(spec,
@@ -32,28 +34,28 @@ MOMENTS = {
 def init_state(w, hyper=HYPER):
     """Initial optimizer state: gp = 0."""
     return {
-        "gp": jnp.zeros_like(w) + (0),
+        "gp": jnp.zeros_like(w),
     }
 
 
 def step(w, state, g, t, hyper=HYPER):
     """One discrete step (t is 1 on the first step); returns (w, state).
 
-    d <- 2*g - gp
+    d <- 2 * g - gp
     gp <- g
-    w <- -d*lr + w
+    w <- w - lr * d
     """
-    lr = hyper["lr"]
+    lr = jnp.asarray(hyper["lr"], dtype=w.dtype)
     gp = state["gp"]
-    d = 2 * g - gp
+    d = 2.0 * g - gp
     gp = g
-    w = -d * lr + w
+    w = w - lr * d
     return w, {"gp": gp}
 
 
 def precond(w, state, t, hyper=HYPER):
     """Effective step size p (P^-1 = diag(p)):  p = lr"""
-    lr = hyper["lr"]
+    lr = jnp.asarray(hyper["lr"], dtype=w.dtype)
     return jnp.broadcast_to(lr, w.shape)
 
 
@@ -62,7 +64,7 @@ def rates(w, state, g, t, hyper=HYPER):
 
     dw/dt = -g*lr
     """
-    lr = hyper["lr"]
+    lr = jnp.asarray(hyper["lr"], dtype=w.dtype)
     dw = jnp.zeros_like(w) + (-g * lr)
     return dw, {}
 
@@ -72,11 +74,11 @@ def drift(w, state, Eg, Vg, t, hyper=HYPER):
 
     dw/dt = -Eg*lr
     """
-    lr = hyper["lr"]
+    lr = jnp.asarray(hyper["lr"], dtype=w.dtype)
     dw = jnp.zeros_like(w) + (-Eg * lr)
     return dw, {}
 
 
 def threshold(hyper=HYPER):
     """Threshold c on lambda_max(P^-1 H):  c = 2/3"""
-    return float(2 / 3)
+    return 0.6666666666666666
