@@ -3,6 +3,8 @@
     python examples/central_flows.py gd        # GD, lr 0.4, restarted at step 300
     python examples/central_flows.py rmsprop   # RMSProp, lr 3e-4, beta2 0.99
     python examples/central_flows.py adam      # Adam, lr 1e-3, beta1 0.9, beta2 0.99
+    python examples/central_flows.py ogd       # optimistic GD (a delay state), lr 0.2
+    python examples/central_flows.py adan      # Adan (previous gradient), lr 1e-3
     python examples/central_flows.py all
 
 Each run writes examples/figures/<name>/validate.png (loss, effective
@@ -30,6 +32,9 @@ SETTINGS = {
     "adam": dict(
         file="adam.opt", steps=1400, restart_at="auto", hyper=dict(lr=1e-3, beta1=0.9, beta2=0.99)
     ),
+    # rules that keep the previous gradient in a delay state
+    "ogd": dict(file="ogd.opt", steps=1000, restart_at="auto", hyper=dict(lr=0.2)),
+    "adan": dict(file="adan.opt", steps=1500, restart_at="auto", hyper=dict(lr=1e-3)),
     # larger step: the discrete loss bursts around the prediction (distances pass, loss 16 %)
     "adam_lr3e-3": dict(
         file="adam.opt", steps=1200, restart_at="auto", hyper=dict(lr=3e-3, beta1=0.9, beta2=0.99)

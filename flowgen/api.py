@@ -45,6 +45,28 @@ class OptFile:
 
         return generate(self.spec(**hyper))
 
+    def optax_source(self, **hyper: float) -> str:
+        """Source of the module defining ``transformation(**hyper)``, an optax
+        ``GradientTransformation`` (``flowgen codegen --optax``); ``hyper`` become its
+        defaults. Needs only the parsed rule, not the derivation."""
+        from flowgen.codegen.optaxgen import generate_optax
+
+        return generate_optax(self.program, hyper)
+
+    def optax(self, **hyper: float):
+        """The update rule as an ``optax.GradientTransformation`` on any pytree of
+        parameters (imports JAX and optax): step counter in its state, jit-able,
+        ``optax.chain``-able; ``sum``/``mean``/``norm`` span the whole pytree, and the
+        update is the step ``w_new − w`` for ``optax.apply_updates``. Dtypes follow the
+        gradients (float32 stays float32).
+
+        >>> tx = flowgen.load("optimizers/adan.opt").optax(lr=1e-3)
+        """
+        from flowgen.codegen import load_module
+
+        mod = load_module(self.optax_source(**hyper), f"{self.name}_optax")
+        return mod.transformation()
+
     def optimizer(self, **hyper: float):
         """The runtime :class:`~flowgen.runtime.optimizer.Optimizer` (imports JAX)."""
         from flowgen.runtime.optimizer import Optimizer

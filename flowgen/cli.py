@@ -98,14 +98,22 @@ def cmd_codegen(args) -> int:
     from flowgen.api import load
     from flowgen.codegen import generate
 
-    spec = load(args.file).spec(**parse_sets(args.set))
-    src = generate(spec)
+    of = load(args.file)
+    sets = parse_sets(args.set)
+    if args.optax:  # the discrete rule as an optax transformation: no derivation needed
+        src = of.optax_source(**sets)
+        spec = None
+    else:
+        spec = of.spec(**sets)
+        src = generate(spec)
     if args.output in (None, "-"):
         sys.stdout.write(src)
     else:
         Path(args.output).write_text(src)
         _console(stderr=True).print(f"wrote {args.output} ({len(src.splitlines())} lines)")
-    if not spec.has_flow:
+    if spec is None:
+        pass
+    elif not spec.has_flow:
         print(
             "note: the module has the discrete step only (init_state, step); no flow parts, "
             f"because the derivation refused the file:\n  {spec.flow_reason}",
@@ -329,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     with_set(p)
     p.add_argument("-o", "--output", help="output file (default: stdout)")
+    p.add_argument(
+        "--optax",
+        action="store_true",
+        help="write an optax GradientTransformation (transformation(**hyper)) instead",
+    )
     p.set_defaults(func=cmd_codegen)
 
     def with_problem(p):

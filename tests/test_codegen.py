@@ -304,9 +304,9 @@ def test_drift_at_zero_variance_is_the_rate(name):
     r_w, r_s = mod.rates(w, state, Eg, 3.0)
     # the two are printed from different algebraic forms: compare at rounding
     # error of the largest entry (adabelief's (g - m)^2 terms cancel)
-    for d, r in [(d_w, r_w), *((d_s[s], r_s.get(s)) for s in mod.STATES)]:
+    for d, r in [(d_w, r_w), *((d_s[s], r_s.get(s)) for s in mod.FLOW_STATES)]:
         np.testing.assert_allclose(d, r, rtol=1e-12, atol=1e-12 * float(np.max(np.abs(r))))
-    assert set(d_s) == set(r_s) == set(mod.STATES)
+    assert set(d_s) == set(r_s) == set(mod.FLOW_STATES)
 
 
 # ------------------------------------------------------------------- (f) linecache

@@ -214,7 +214,8 @@ def test_every_library_file_derives_or_refuses_cleanly():
         assert d["optimizer"] == prog.name
         if spec.has_central:
             assert d["stability"]["bifurcation"] == "flip"
-            assert set(d["drift"]) == {"w", *prog.state_names}
+            assert set(d["drift"]) == {"w", *d["flow_states"]}
+        assert set(d["flow_states"]) | set(d["delays"]) == set(prog.state_names)
 
 
 def test_cli_derive_json_no_jax_and_exit_codes(tmp_path):

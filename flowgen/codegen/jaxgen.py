@@ -3,7 +3,9 @@
 The module holds ``HYPER``, ``init_state``, ``step`` (the exact discrete
 update), ``precond`` (the effective step size ``p``), ``rates`` (the raw rates,
 read by the stable flow), ``drift`` (the averaged rates in ``Eg``, ``Vg``, read
-by the central flow) and ``threshold``.
+by the central flow), ``threshold``, and the tables ``FLOW_STATES`` (the ODE
+states of the flows: every state but the delay states) and ``MOMENTS`` (what
+``drift`` reads after ``(w, state)``, from :mod:`flowgen.symbolic.moments`).
 
 ``init_state`` and ``step`` are printed from the checked AST
 (:mod:`flowgen.codegen.discrete`): they exist for every well-formed file and
@@ -14,15 +16,17 @@ refused the file, the module says why (docstring, ``NO_FLOW_REASON``) and its
 flow functions raise ``NotImplementedError`` with that reason. The same text is
 what :func:`load_module` executes in memory, registered in ``linecache`` so
 tracebacks and ``inspect.getsource`` show the real lines.
+
+The text is written in ruff's style by flowgen itself (:mod:`flowgen.codegen.pyfmt`:
+expressions re-spaced, long lines cut into temporaries, long containers
+exploded); no formatter runs, so the bytes never depend on what is installed.
 """
 
 from __future__ import annotations
 
+import ast
 import keyword
 import linecache
-import shutil
-import subprocess
-import sys
 import types
 from contextvars import ContextVar
 
@@ -30,6 +34,7 @@ import sympy as sp
 from sympy.printing.numpy import JaxPrinter
 
 from flowgen import __version__
+from flowgen.codegen import pyfmt
 from flowgen.codegen.discrete import float_literal, jax_expr
 from flowgen.errors import CodegenError
 from flowgen.flow.discrete import DiscreteSpec, build_discrete
@@ -37,6 +42,7 @@ from flowgen.flow.spec import FlowSpec
 from flowgen.language.ast import Expr, Name, walk
 from flowgen.language.printer import to_text
 from flowgen.symbolic.model import Eg, Vg, rmean, rsum
+from flowgen.symbolic.moments import MOMENT_NAMES, MOMENTS
 
 _PY_TAKEN = {"jax", "jnp", "hyper", "state", "HYPER", "w", "g", "t", "Eg", "Vg", "p", "new"}
 _PY_TAKEN |= {"dw", "float"}  # a local of rates/drift; the builtin threshold() calls
@@ -125,7 +131,8 @@ def _rename(expr: sp.Expr, names: dict[str, str]) -> sp.Expr:
 
 
 def pycode(expr: sp.Expr, names: dict[str, str]) -> str:
-    return _printer.doprint(_rename(expr, names))
+    """``expr`` as Python source in ruff's style (:mod:`flowgen.codegen.pyfmt`)."""
+    return pyfmt.expr(_printer.doprint(_rename(expr, names)))
 
 
 def _math(expr: sp.Expr) -> str:
@@ -156,10 +163,77 @@ def _hyper_reads(exprs: list[sp.Expr], spec: FlowSpec, names, *, arrays=True) ->
     return lines
 
 
-def _cse_block(outputs: list[sp.Expr], names, indent="    ") -> tuple[list[str], list[str]]:
-    reps, reduced = sp.cse(outputs, symbols=sp.numbered_symbols("x"), optimizations="basic")
-    lines = [f"{indent}{pycode(sym, names)} = {pycode(val, names)}" for sym, val in reps]
-    return lines, [pycode(r, names) for r in reduced]
+class _Body:
+    """The lines of one generated function: no statement exceeds the line length (a long
+    expression is cut into temporaries), temporaries get names nothing else uses."""
+
+    def __init__(self, names: dict[str, str], taken=(), indent: str = "    "):
+        self.indent, self.lines = indent, []
+        self.taken = set(taken) | set(names) | set(names.values()) | _PY_TAKEN | {"x"}
+        self._k = 0
+
+    def fresh(self) -> str:
+        while f"x{self._k}" in self.taken:
+            self._k += 1
+        self.taken.add(f"x{self._k}")
+        return f"x{self._k}"
+
+    def value(self, code: str, room: int) -> str:
+        """``code`` fitted into ``room`` columns; its temporaries are emitted first."""
+        temp_room = pyfmt.LINE_LENGTH - len(self.indent) - len("x000 = ")
+        temps, text = pyfmt.fit(code, room, self.fresh, temp_room)
+        self.lines += [f"{self.indent}{name} = {t}" for name, t in temps]
+        return text
+
+    def assign(self, target: str, code: str, prefix: str = "", suffix: str = "") -> None:
+        head = f"{self.indent}{target} = {prefix}"
+        text = self.value(code, pyfmt.LINE_LENGTH - len(head) - len(suffix))
+        self.lines.append(f"{head}{text}{suffix}")
+
+    def line(self, text: str) -> None:
+        self.lines.append(self.indent + text)
+
+    def returns(self, first: str, items: list[tuple[str, str, str, str]]) -> None:
+        """``return first, {"key": prefix + code + suffix, ...}``, exploded when long."""
+        flat = [f"{pyfmt.string(k)}: {pre}{pyfmt.expr(c)}{suf}" for k, pre, c, suf in items]
+        one = f"{self.indent}return {first}, {{{', '.join(flat)}}}"
+        if len(one) <= pyfmt.LINE_LENGTH or not items:
+            self.lines.append(one)
+            return
+        entries = []
+        for k, pre, c, suf in items:
+            head = f"{self.indent}    {pyfmt.string(k)}: {pre}"
+            entries.append(head + self.value(c, pyfmt.LINE_LENGTH - len(head) - len(suf) - 1) + suf)
+        self.lines.append(f"{self.indent}return {first}, {{")
+        self.lines += [e + "," for e in entries]
+        self.lines.append(f"{self.indent}}}")
+
+
+def _cse_block(outputs: list[sp.Expr], names, body: _Body) -> list[str]:
+    """Common subexpressions as temporaries of ``body``; the reduced outputs as code."""
+
+    def temporaries():
+        while True:
+            yield sp.Symbol(body.fresh())
+
+    reps, reduced = sp.cse(outputs, symbols=temporaries(), optimizations="basic")
+    for sym, val in reps:
+        body.assign(sym.name, pycode(val, names))
+    return [pycode(r, names) for r in reduced]
+
+
+def _doc_text(text: str) -> str:
+    return text.replace("\\", "/").replace('"', "'").rstrip(".")
+
+
+def _tuple_text(value) -> str:
+    """A nested tuple of floats and strings, as ruff writes it on one line."""
+    if isinstance(value, tuple):
+        inner = ", ".join(_tuple_text(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    if isinstance(value, str):
+        return pyfmt.string(value)
+    return repr(float(value))
 
 
 def _discrete_of(spec: FlowSpec) -> DiscreteSpec:
@@ -196,41 +270,51 @@ def _discrete_parts(d: DiscreteSpec, names: dict[str, str]) -> tuple[str, list[s
     rule = "\n".join(f"    {st.target} <- {to_text(st.value)}" for st in d.statements)
     out: list[str] = []
 
+    body = _Body(names)
+    body.lines += _ast_hyper_reads([s.init for s in d.states], d.hyper, names)
     inits, shown = [], []
     for s in d.states:
         code = jax_expr(s.init, names)
         if s.scalar:
-            value = f"jnp.asarray({code}, dtype=w.dtype)"
+            pre, suf = "jnp.asarray(", ", dtype=w.dtype)"
         elif not s.init_scalar:
-            value = code
+            pre, suf = "", ""
         elif code == "0.0":
-            value = "jnp.zeros_like(w)"
+            pre, suf, code = "jnp.zeros_like(", ")", "w"
         else:
-            value = f"jnp.full_like(w, {code})"
-        inits.append(f"        {s.name!r}: {value},")
+            pre, suf = "jnp.full_like(w, ", ")"
+        head = f"        {pyfmt.string(s.name)}: {pre}"
+        inits.append(head + body.value(code, pyfmt.LINE_LENGTH - len(head) - len(suf) - 1) + suf)
         shown.append(f"{s.name} = {to_text(s.init)}")
     out.append("def init_state(w, hyper=HYPER):")
     out.append(f'    """Initial optimizer state: {"; ".join(shown) or "(none)"}."""')
-    out += _ast_hyper_reads([s.init for s in d.states], d.hyper, names)
-    out.append("    return {")
-    out += inits
-    out.append("    }\n\n")
+    out += body.lines
+    if inits:
+        out.append("    return {")
+        out += [i + "," for i in inits]
+        out.append("    }\n\n")
+    else:
+        out.append("    return {}\n\n")
 
     out.append("def step(w, state, g, t, hyper=HYPER):")
     out.append('    """One discrete step (t is 1 on the first step); returns (w, state).\n')
-    out.append(_doc(rule) + '\n    """')
-    out += _ast_hyper_reads([st.value for st in d.statements], d.hyper, names)
+    out.append(_doc(rule, "") + '\n    """')
+    body = _Body(names)
+    body.lines += _ast_hyper_reads([st.value for st in d.statements], d.hyper, names)
     for s in d.states:
-        out.append(f'    {names[s.name]} = state["{s.name}"]')
+        body.line(f'{names[s.name]} = state["{s.name}"]')
     for st in d.statements:
         code = jax_expr(st.value, names)
+        pre = suf = ""
         if st.role != "local" and st.target_scalar:
-            code = f"jnp.asarray({code}, dtype=w.dtype)"
+            pre, suf = "jnp.asarray(", ", dtype=w.dtype)"
         elif st.role != "local" and st.value_scalar:
-            code = f"jnp.full_like(w, {code})"  # a scalar value keeps w's shape
-        out.append(f"    {names.get(st.target, st.target)} = {code}")
+            pre, suf = "jnp.full_like(w, ", ")"  # a scalar value keeps w's shape
+        body.assign(names.get(st.target, st.target), code, pre, suf)
     state_names = [s.name for s in d.states]
-    out.append("    return w, {" + ", ".join(f'"{s}": {names[s]}' for s in state_names) + "}\n\n")
+    body.returns("w", [(s, "", names[s], "") for s in state_names])
+    out += body.lines
+    out[-1] += "\n\n"
     return rule, out
 
 
@@ -276,18 +360,36 @@ def generate(
         '"""\n'
     )
     out.append("import jax.numpy as jnp\n")
-    out.append(f"NAME = {d.name!r}")
-    out.append("HYPER = {" + ", ".join(f"{k!r}: {float(v)!r}" for k, v in d.hyper.items()) + "}")
-    out.append(f"STATES = {tuple(state_names)!r}")
+    out.append(f"NAME = {pyfmt.string(d.name)}")
+    hyper_items = [f"{pyfmt.string(k)}: {float(v)!r}" for k, v in d.hyper.items()]
+    out += pyfmt.container("HYPER = {", hyper_items, "}")
+    out += pyfmt.container("STATES = (", [pyfmt.string(s) for s in state_names], ")", tuple_=True)
     kinds = {} if flow is None else {s.name: s.kind for s in flow.states}
-    out.append("STATE_KINDS = {" + ", ".join(f"{k!r}: {v!r}" for k, v in kinds.items()) + "}")
-    out.append(f"SCALAR_STATES = {tuple(s.name for s in d.states if s.scalar)!r}")
+    kind_items = [f"{pyfmt.string(k)}: {pyfmt.string(v)}" for k, v in kinds.items()]
+    out += pyfmt.container("STATE_KINDS = {", kind_items, "}")
+    scalars = [pyfmt.string(s.name) for s in d.states if s.scalar]
+    out += pyfmt.container("SCALAR_STATES = (", scalars, ")", tuple_=True)
     thr = None if flow is None else flow.threshold
-    out.append(f"THRESHOLD = {thr!r}  # c: stability threshold on lambda_max(P^-1 H)")
+    C = "c" if flow is None else flow.shown("c")
+    out.append(f"THRESHOLD = {thr!r}  # {C}: stability threshold on lambda_max(P^-1 H)")
     out.append(f"HAS_CENTRAL_FLOW = {flow is not None and flow.has_central!r}")
     out.append(f"HAS_FLOW = {flow is not None!r}  # rates, precond, drift, threshold derived")
     short = (reason or "the flow was not derived").splitlines()[0] if flow is None else None
-    out.append(f"NO_FLOW_REASON = {short!r}")
+    if short is None:
+        out.append("NO_FLOW_REASON = None")
+    else:
+        out += pyfmt.long_string_assignment("", "NO_FLOW_REASON", short)
+    out.append("# the ODE states of the stable and central flows: every state but the delay states")
+    flow_names = state_names if flow is None else [s.name for s in flow.flow_states]
+    flows = [pyfmt.string(s) for s in flow_names]
+    out += pyfmt.container("FLOW_STATES = (", flows, ")", tuple_=True)
+    out.append("# what drift() reads after (w, state): each moment is a sum of coef * einsum(spec,")
+    out.append(
+        "# *operands) over the central flow's grad (n,), G (k, k, n), HU (n, k) and X (k, k)"
+    )
+    moments = flow.moments if flow is not None else tuple((m.name, m.runtime) for m in MOMENTS)
+    moment_items = [f"{pyfmt.string(m)}: {_tuple_text(terms)}" for m, terms in moments]
+    out += pyfmt.container("MOMENTS = {", moment_items, "}")
     out.append("\n")
     out += discrete_lines
     if flow is None:
@@ -312,11 +414,12 @@ def _absent_flow(reason: str) -> list[str]:
     ]
     for sig, role in (
         ("rates(w, state, g, t, hyper=HYPER)", "No rates"),
-        ("drift(w, state, Eg, Vg, t, hyper=HYPER)", "No central flow"),
+        (f"drift(w, state, {', '.join(MOMENT_NAMES)}, t, hyper=HYPER)", "No central flow"),
     ):
         out.append(f"def {sig}:")
         out.append(f'    """{role}: {doc}"""')
-        out.append(f"    raise NotImplementedError({reason!r})\n\n")
+        out += pyfmt.call_one_argument("    ", "raise NotImplementedError", pyfmt.string(reason))
+        out[-1] += "\n\n"
     out.append("def threshold(hyper=HYPER):")
     out.append('    """No threshold: the flow was not derived."""')
     out.append("    return None")
@@ -325,100 +428,111 @@ def _absent_flow(reason: str) -> list[str]:
 
 def _flow_parts(spec: FlowSpec, names, state_names, thr) -> list[str]:
     out: list[str] = []
+    P, C = spec.shown("p"), spec.shown("c")
+    flow_states = spec.flow_states
+    flow_names = [s.name for s in flow_states]
+    declared = set(names) | set(names.values())
+
+    def state_reads(body, exprs):
+        used = set().union(*(e.free_symbols for e in exprs)) if exprs else set()
+        for s in state_names:
+            if sp.Symbol(s, real=True) in used:
+                body.line(f'{names[s]} = state["{s}"]')
+
     # precond
     p = spec.stability.effective_step if spec.stability else None
     out.append("def precond(w, state, t, hyper=HYPER):")
     if p is None:
-        out.append('    """The update does not factor as -p * (linear form); no effective step."""')
+        why = (spec.stability.step_note if spec.stability else "") or "no stability analysis"
+        out.append(f'    """No effective step {P}: {_doc_text(why)}."""')
         out.append("    return None\n\n")
     else:
-        out.append(f'    """Effective step size p (P^-1 = diag(p)):  p = {_math(p)}"""')
-        out += _hyper_reads([p], spec, names)
-        for s in state_names:
-            if sp.Symbol(s, real=True) in p.free_symbols:
-                out.append(f'    {names[s]} = state["{s}"]')
-        out.append(f"    return jnp.broadcast_to({pycode(p, names)}, w.shape)\n\n")
+        out.append(f'    """Effective step size {P} (P^-1 = diag({P})):  {P} = {_math(p)}"""')
+        body = _Body(names, declared)
+        body.lines += _hyper_reads([p], spec, names)
+        state_reads(body, [p])
+        head, tail = "    return jnp.broadcast_to(", ", w.shape)"
+        code = body.value(pycode(p, names), pyfmt.LINE_LENGTH - len(head) - len(tail))
+        out += body.lines
+        out.append(f"{head}{code}{tail}\n\n")
 
     # rates and drift
     def rate_fn(fname, args, w_expr, state_exprs, doc):
         exprs = [w_expr, *state_exprs]
         lines = [f"def {fname}({args}, hyper=HYPER):", f'    """{doc}\n']
         math = [f"    dw/dt = {_math(w_expr)}"] + [
-            f"    d{s}/dt = {_math(e)}" for s, e in zip(state_names, state_exprs, strict=True)
+            f"    d{s}/dt = {_math(e)}" for s, e in zip(flow_names, state_exprs, strict=True)
         ]
         lines.append("\n".join(math) + '\n    """')
-        lines += _hyper_reads(exprs, spec, names)
-        used = set().union(*(e.free_symbols for e in exprs))
-        for s in state_names:
-            if sp.Symbol(s, real=True) in used:
-                lines.append(f'    {names[s]} = state["{s}"]')
-        cse_lines, res = _cse_block(exprs, names)
-        lines += cse_lines
-        shape = ["jnp.zeros_like(w) + " if i == 0 else "" for i in range(len(res))]
-        lines.append(f"    dw = {shape[0]}({res[0]})")
-        items = []
-        for s, r in zip(spec.states, res[1:], strict=True):
-            items.append(f'"{s.name}": ' + (f"jnp.zeros_like(state['{s.name}']) + ({r})"))
-        lines.append("    return dw, {" + ", ".join(items) + "}\n\n")
+        body = _Body(names, declared | set(MOMENT_NAMES))
+        body.lines += _hyper_reads(exprs, spec, names)
+        state_reads(body, exprs)
+        res = _cse_block(exprs, names, body)
+        body.assign("dw", res[0], "jnp.zeros_like(w) + (", ")")
+        items = [
+            (s, f"jnp.zeros_like(state[{pyfmt.string(s)}]) + (", r, ")")
+            for s, r in zip(flow_names, res[1:], strict=True)
+        ]
+        body.returns("dw", items)
+        lines += body.lines
+        lines[-1] += "\n\n"
         return lines
 
     out += rate_fn(
         "rates",
         "w, state, g, t",
         spec.w_rate,
-        [s.rate for s in spec.states],
+        [s.rate for s in flow_states],
         "Raw rates (time convention of central-flows.md §3); the stable flow uses g = grad L.",
     )
+    moment_args = ", ".join(MOMENT_NAMES)
     if spec.has_central:
+        meanings = ", ".join(f"{m.name} = {m.short}" for m in MOMENTS)
         out += rate_fn(
             "drift",
-            "w, state, Eg, Vg, t",
+            f"w, state, {moment_args}, t",
             spec.w_drift,
-            [s.drift for s in spec.states],
-            "Rates averaged over the oscillation: Eg = E[g], Vg = diag(H Sigma H).",
+            [s.drift for s in flow_states],
+            f"Rates averaged over the oscillation: {meanings}.",
         )
     else:
         reason = (spec.central_reason or "").replace('"', "'")
-        out.append("def drift(w, state, Eg, Vg, t, hyper=HYPER):")
+        out.append(f"def drift(w, state, {moment_args}, t, hyper=HYPER):")
         out.append(f'    """No central flow: {reason}"""')
-        out.append(f"    raise NotImplementedError({reason!r})\n\n")
+        out += pyfmt.call_one_argument("    ", "raise NotImplementedError", pyfmt.string(reason))
+        out[-1] += "\n\n"
 
     c = spec.stability.threshold if spec.stability else None
     out.append("def threshold(hyper=HYPER):")
     if c is None:
-        out.append('    """No dimensionless threshold (no flip bifurcation or no factoring)."""')
+        out.append(f'    """No dimensionless threshold {C} (no flip, or no effective step)."""')
         out.append("    return None")
     else:
-        out.append(f'    """Threshold c on lambda_max(P^-1 H):  c = {_math(c)}"""')
-        out += _hyper_reads([c], spec, names, arrays=False)
+        out.append(f'    """Threshold {C} on lambda_max(P^-1 H):  {C} = {_math(c)}"""')
+        body = _Body(names, declared | {"float"})
+        body.lines += _hyper_reads([c], spec, names, arrays=False)
         if c.free_symbols - set(spec.hyper_symbols.values()) or c.atoms(rsum, rmean):
-            out.append(f"    return {thr!r}")
+            body.line(f"return {thr!r}")
         elif c.is_Number:
-            out.append(f"    return {pycode(c, names)}")
+            body.line(f"return {pycode(c, names)}")
         else:
-            out.append(f"    return float({pycode(c, names)})")
+            code = body.value(pycode(c, names), pyfmt.LINE_LENGTH - len("    return float()"))
+            body.line(f"return float({code})")
+        out += body.lines
     return out
 
 
 def format_source(text: str) -> str:
-    """Format with ruff when it is available (deterministic); else return as is."""
-    exe = shutil.which("ruff")
-    cmd = [exe] if exe else [sys.executable, "-m", "ruff"]
+    """The generated text, checked to parse. It is already in ruff's style
+    (:mod:`flowgen.codegen.pyfmt`) and no formatter runs, so its bytes never depend
+    on which tools are installed."""
     try:
-        res = subprocess.run(
-            [*cmd, "format", "--isolated", "--line-length", "100", "-"],
-            input=text,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return text
-    if res.returncode != 0:
-        if "error" in res.stderr.lower() and "No module named" not in res.stderr:
-            raise CodegenError(f"generated code does not parse: {res.stderr.strip()[:300]}")
-        return text
-    return res.stdout
+        ast.parse(text)
+    except SyntaxError as err:  # a flowgen bug, not a user error: say where
+        raise CodegenError(
+            f"generated code does not parse: {err.msg} (line {err.lineno})"
+        ) from None
+    return text
 
 
 _counter = [0]

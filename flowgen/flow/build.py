@@ -22,7 +22,9 @@ from flowgen.flow.spec import FlowSpec, StabilitySpec, StateFlow, Statement
 from flowgen.language.ast import Program
 from flowgen.language.checks import check_hyper_values
 from flowgen.symbolic import budget, classify, drift, stability
-from flowgen.symbolic.model import EG_NAME, REDUCTION_CLASSES, VG_NAME, W, build_model
+from flowgen.symbolic.model import REDUCTION_CLASSES, build_model
+from flowgen.symbolic.moments import MOMENT_NAMES, runtime_table
+from flowgen.symbolic.stability import Bifurcation
 
 
 def check_overrides(program: Program, overrides: dict[str, float] | None) -> dict[str, float]:
@@ -97,12 +99,13 @@ def build_flow(
 def _derive(
     program: Program, discrete: DiscreteSpec, *, require_central: bool, seconds: float | None
 ) -> FlowSpec:
-    for decl in (*program.hypers, *program.states):
-        if decl.name in (EG_NAME, VG_NAME):
+    for decl in (*program.hypers, *program.states, *program.update):
+        name = getattr(decl, "name", None) or getattr(decl, "target", None)
+        if name in MOMENT_NAMES:
             raise DerivationError(
-                f"`{decl.name}` is reserved for the moments of the gradient in derived flows",
+                f"`{name}` is reserved for the moments of the gradient in derived flows",
                 location=_loc(program, decl),
-                hint=f"rename it; the discrete optimizer runs with the name `{decl.name}`",
+                hint=f"rename it; the discrete optimizer runs with the name `{name}`",
             )
     budget.check_derivable(program)
     with budget.time_budget(program, seconds) as progress:
@@ -155,15 +158,19 @@ def _stages(program: Program, discrete: DiscreteSpec, require_central: bool) -> 
     statements = tuple(
         Statement(st.target, st.role, st.raw, st.node.line) for st in model.statements
     )
-    rates = {}
-    for s in model.states:
+    flow_states = [s for s in model.states if classes[s] != classify.DELAY]
+    # raw rates: delay states (no rate) read as the previous step's value of their argument
+    raw_rates = {}
+    for s in flow_states:
         if s in model.f and s in model.assign_node:
             budget.stage(f"the rate of `{s}`", node(s))
-            rates[s] = classify.state_rate(model, s)
-    for s in model.states:  # never assigned: constant
-        rates.setdefault(s, sp.Integer(0))
+            raw_rates[s] = classify.state_rate(model, s)
+    for s in flow_states:  # never assigned: constant
+        raw_rates.setdefault(s, sp.Integer(0))
     budget.stage("the rate of `w`", node("w"))
-    w_rate = classify.w_rate(model)
+    raw_w_rate = classify.w_rate(model)
+    rates = {s: drift.at_rest(model, r) for s, r in raw_rates.items()}
+    w_rate = drift.at_rest(model, raw_w_rate)
 
     reason = None
     try:
@@ -183,43 +190,36 @@ def _stages(program: Program, discrete: DiscreteSpec, require_central: bool) -> 
         thaw = _frozen_reductions(model)
         stab_spec = StabilitySpec(
             stab.bifurcation,
-            stab.char_poly.xreplace(
-                {
-                    stability.LAM: sp.Symbol("lambda"),
-                    stability.A: sp.Symbol("a"),
-                    stability.MU: sp.Symbol("mu"),
-                    **thaw,
-                }
-            ),
+            stab.char_poly.xreplace({**stability.SHOWN, **thaw}),
             _thaw(stab.critical_curvature, thaw),
             _thaw(stab.effective_step, thaw),
             _thaw(stab.threshold, thaw),
             stab.threshold_value,
             stab.note,
+            stab.step_note,
         )
         kappa = {f: k.xreplace(thaw) for f, k in stab.kappa.items()}
-        if stab.bifurcation != stability.FLIP:
+        if not stab.bifurcation.has_central_flow:
             reason = (
-                f"the first instability is a {stab.bifurcation} bifurcation, not a flip "
+                f"the first instability is a {stab.bifurcation.value} bifurcation, not a flip "
                 "(period-2) one; central flows of the period-2 kind do not apply"
-                if stab.bifurcation != stability.NONE
+                if stab.bifurcation != Bifurcation.NONE
                 else f"no edge of stability: {stab.note}"
             )
-            if require_central and stab.bifurcation == stability.NS:
+            if require_central and stab.bifurcation == Bifurcation.NEIMARK_SACKER:
                 raise model.error(reason, model.assign_node.get("w"))
 
     drifts: dict[str, sp.Expr | None] = {s: None for s in model.states}
     w_drift = None
     if reason is None:
-        kstep = {f: -k for f, k in kappa.items()}
+        kstep = {f: -k for f, k in kappa.items() if classes[f] == classify.FAST}
         lam_star = stab_spec.critical_curvature
-        if lam_star is not None and w_rate.has(W):
-            kstep["w"] = 1 / lam_star
-        for s in model.states:
+        osc = drift.oscillation(model, kstep, None if lam_star is None else 1 / lam_star)
+        for s in flow_states:
             budget.stage(f"the drift of `{s}`", node(s))
-            drifts[s] = drift.average(model, rates[s], kstep, s)
+            drifts[s] = drift.average(model, raw_rates[s], osc, s)
         budget.stage("the drift of `w`", node("w"))
-        w_drift = drift.average(model, w_rate, kstep, "w")
+        w_drift = drift.average(model, raw_w_rate, osc, "w")
 
     states = tuple(
         StateFlow(
@@ -227,10 +227,11 @@ def _stages(program: Program, discrete: DiscreteSpec, require_central: bool) -> 
             kind=classes[s],
             scalar=model.scalar[s],
             init=model.init[s],
-            rate=rates[s],
+            rate=rates.get(s),
             drift=drifts[s],
             kappa=kappa.get(s),
             line=program.state(s).line,
+            argument=model.to_current(model.f[s]) if s in model.delays else None,
         )
         for s in model.states
     )
@@ -249,4 +250,5 @@ def _stages(program: Program, discrete: DiscreteSpec, require_central: bool) -> 
         stability=stab_spec,
         central_reason=reason,
         discrete=discrete,
+        moments=runtime_table(),
     )

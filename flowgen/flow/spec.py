@@ -9,6 +9,8 @@ import sympy as sp
 
 from flowgen.flow.discrete import DiscreteSpec
 from flowgen.symbolic.model import rmean, rsum
+from flowgen.symbolic.moments import MOMENTS, runtime_table
+from flowgen.symbolic.stability import Bifurcation
 
 
 def expr_str(e: sp.Expr | None) -> str | None:
@@ -19,16 +21,28 @@ def expr_str(e: sp.Expr | None) -> str | None:
     return s
 
 
+#: how internal quantities print in every output: the plain letter, or an accented one when
+#: the file uses that letter as a name (a file's names are ASCII identifiers, so Greek and
+#: accented letters are always free: the multiplier μ, the curvature λ, α = λ·p)
+INTERNAL_NAMES = {"p": ("p", "p̂"), "c": ("c", "ĉ")}
+
+
 @dataclass(frozen=True)
 class StateFlow:
     name: str
-    kind: str  # counter | fast | slow ("" when the flow was not derived)
+    kind: str  # counter | fast | slow | delay ("" when the flow was not derived)
     scalar: bool
     init: sp.Expr | None  # in hyperparameters and w (None when the flow was not derived)
-    rate: sp.Expr | None  # ds/dt before averaging (in g, t, states, hypers)
-    drift: sp.Expr | None  # E[ds/dt] in Eg, Vg, states (None: no central flow)
-    kappa: sp.Expr | None  # δs = κ·δg(w_t) on the flip mode (fast states)
+    rate: sp.Expr | None  # ds/dt before averaging (in g, t, states, hypers); None for a delay
+    drift: sp.Expr | None  # E[ds/dt] in Eg, Vg, states (None: no central flow, or a delay)
+    kappa: sp.Expr | None  # δs = κ·δg(w_t) on the flip mode (oscillating states)
     line: int = 0
+    argument: sp.Expr | None = None  # a delay state: the value it keeps for the next step
+
+    @property
+    def is_flow_state(self) -> bool:
+        """An ODE state of the stable and central flows (every state but a delay)."""
+        return self.kind != "delay"
 
 
 @dataclass(frozen=True)
@@ -41,13 +55,14 @@ class Statement:
 
 @dataclass(frozen=True)
 class StabilitySpec:
-    bifurcation: str  # flip | fold | neimark-sacker | none
-    char_poly: sp.Expr | None
+    bifurcation: Bifurcation  # a str enum: flip | fold | neimark-sacker | none
+    char_poly: sp.Expr | None  # monic in μ; in α = λ·p when c is a number, else in λ
     critical_curvature: sp.Expr | None
     effective_step: sp.Expr | None
     threshold: sp.Expr | None
     threshold_value: float | None
     note: str = ""
+    step_note: str = ""  # why there is no effective step p (or no constant c)
 
 
 @dataclass(frozen=True)
@@ -70,6 +85,30 @@ class FlowSpec:
     extras: dict = field(default_factory=dict)
     discrete: DiscreteSpec | None = None  # the discrete step this flow was derived from
     flow_reason: str | None = None  # why there is no flow at all (no rates), if there is none
+    # the moment table as plain data: (name, ((coef, einsum spec, operands), ...)), in the
+    # order of the generated drift's arguments (flowgen.symbolic.moments)
+    moments: tuple = field(default_factory=runtime_table)
+
+    @property
+    def flow_states(self) -> tuple[StateFlow, ...]:
+        """The ODE states of the flows: every state but the delay states."""
+        return tuple(s for s in self.states if s.is_flow_state)
+
+    @property
+    def moment_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.moments)
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every name the file declares or assigns."""
+        return frozenset(
+            {*self.hyper, *(s.name for s in self.states), *(st.target for st in self.statements)}
+        )
+
+    def shown(self, key: str) -> str:
+        """How the internal quantity ``key`` (``"p"``, ``"c"``) prints for this file."""
+        plain, alt = INTERNAL_NAMES[key]
+        return alt if plain in self.names else plain
 
     @property
     def has_central(self) -> bool:
@@ -95,18 +134,19 @@ class FlowSpec:
         stab = None
         if st is not None:
             stab = {
-                "bifurcation": st.bifurcation,
+                "bifurcation": Bifurcation(st.bifurcation).value,
                 "critical_curvature": expr_str(st.critical_curvature),
                 "effective_step": expr_str(st.effective_step),
                 "threshold": expr_str(st.threshold),
                 "threshold_value": st.threshold_value,
                 "characteristic_polynomial": expr_str(st.char_poly),
                 "note": st.note or None,
+                "effective_step_note": st.step_note or None,
             }
         drift = None
         if self.has_central:
             drift = {"w": expr_str(self.w_drift)}
-            drift.update({s.name: expr_str(s.drift) for s in self.states})
+            drift.update({s.name: expr_str(s.drift) for s in self.flow_states})
         return {
             "optimizer": self.name,
             "description": self.description,
@@ -114,19 +154,23 @@ class FlowSpec:
             "sha256": self.sha256,
             "hyper": dict(self.hyper),
             "states": {s.name: s.kind for s in self.states},
+            "flow_states": [s.name for s in self.flow_states],
+            "delays": {s.name: expr_str(s.argument) for s in self.states if not s.is_flow_state},
             "scalar_states": [s.name for s in self.states if s.scalar],
             "stability": stab,
             "rates": {
                 "w": expr_str(self.w_rate),
-                **{s.name: expr_str(s.rate) for s in self.states},
+                **{s.name: expr_str(s.rate) for s in self.flow_states},
             },
             "drift": drift,
             "kappa": {s.name: expr_str(s.kappa) for s in self.states if s.kappa is not None},
             "central_flow": None if self.has_central else self.central_reason,
             "notation": {
-                "Eg": "E[g] = grad L + 1/2 grad<H, Sigma> (per coordinate)",
-                "Vg": "Var[g] = diag(H Sigma H) (per coordinate)",
+                **{m.name: m.meaning for m in MOMENTS},
                 "sum": "sum over coordinates",
+                "μ": "multiplier of the linearised map (variable of the characteristic polynomial)",
+                "λ": "curvature of the eigendirection (g = λ w)",
+                "α": "dimensionless curvature α = λ·p",
             },
         }
 

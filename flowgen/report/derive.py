@@ -11,11 +11,14 @@ from rich.text import Text
 
 from flowgen.flow.spec import FlowSpec
 from flowgen.symbolic.model import tidy_signs
+from flowgen.symbolic.moments import MOMENTS
+from flowgen.symbolic.stability import Bifurcation
 
 KIND_WORDS = {
     "fast": "fast — responds linearly to g; oscillates with the iterate",
     "slow": "slow — feels the oscillation only through second moments",
     "counter": "counter — deterministic, independent of g",
+    "delay": "delay — the previous step's value of its argument; not an ODE state",
 }
 
 
@@ -48,6 +51,7 @@ def quasi_static(spec: FlowSpec) -> list[tuple[str, sp.Expr, sp.Expr]]:
 def reading(spec: FlowSpec) -> str:
     """One paragraph in plain words."""
     st = spec.stability
+    P, C = spec.shown("p"), spec.shown("c")
     parts = []
     if st is None:
         return (
@@ -61,26 +65,28 @@ def reading(spec: FlowSpec) -> str:
         if st.threshold is not None
         and sp.Symbol(k) in {sp.Symbol(s.name) for s in st.threshold.free_symbols}
     )
-    if st.bifurcation == "flip" and st.threshold is not None:
+    if st.bifurcation == Bifurcation.FLIP and st.threshold is not None:
         parts.append(
-            "The effective sharpness λ_max(P⁻¹H), with P⁻¹ = diag(p), "
-            f"p = {sp.sstr(st.effective_step)}, "
-            f"equilibrates at c = {sp.sstr(st.threshold)}"
+            f"The effective sharpness λ_max(P⁻¹H), with P⁻¹ = diag({P}), "
+            f"{P} = {sp.sstr(st.effective_step)} (the steady-state step per unit gradient), "
+            f"equilibrates at {C} = {sp.sstr(st.threshold)}"
             + (f" = {_fmt_num(st.threshold_value)}" if st.threshold.free_symbols else "")
             + (f" for {hyp}" if hyp else "")
             + ": above it the iterate oscillates with period 2 along the top eigenvectors (a flip "
             "bifurcation), and the central flow holds it there with a covariance Σ."
         )
-    elif st.bifurcation == "flip":
+        if st.step_note:
+            parts.append(st.step_note[0].upper() + st.step_note[1:] + ".")
+    elif st.bifurcation == Bifurcation.FLIP:
         parts.append(
             f"The update loses stability at curvature λ* = {sp.sstr(st.critical_curvature)} "
-            "(flip); the update does not factor as −p·(linear form), so there is no single "
-            "effective Hessian."
+            f"(flip); {st.step_note or 'there is no single effective Hessian'}."
         )
     else:
-        parts.append(f"Stability: {st.bifurcation}. {st.note}")
+        parts.append(f"Stability: {Bifurcation(st.bifurcation).value}. {st.note}")
     fast = [s for s in spec.states if s.kind == "fast"]
     slow = [s for s in spec.states if s.kind == "slow"]
+    delays = [s for s in spec.states if s.kind == "delay"]
     qs = {name: (tau, fix) for name, tau, fix in quasi_static(spec)}
     for s in fast:
         txt = f"`{s.name}` is fast: it oscillates with the gradient"
@@ -96,16 +102,26 @@ def reading(spec: FlowSpec) -> str:
     for s in slow:
         d = s.drift
         if d is not None and d.has(sp.Symbol("Vg", nonnegative=True)):
-            txt = f"`{s.name}` is slow: it feels the oscillation through Vg = diag(HΣH)"
+            txt = f"`{s.name}` is slow: it feels the oscillation through {MOMENTS[1].unicode}"
         else:
             txt = f"`{s.name}` is slow"
         if s.name in qs:
             tau, fix = qs[s.name]
             txt += f"; it relaxes on a time scale of {sp.sstr(tau)} steps towards {sp.sstr(fix)}"
         parts.append(txt + ".")
+    for s in delays:
+        arg = sp.sstr(s.argument)
+        txt = f"`{s.name}` is a delay state: the previous step's {arg}"
+        if s.kappa is not None:
+            txt += f" (on the flip mode δ{s.name} = {sp.sstr(s.kappa)}·δg)"
+        txt += (
+            f"; it is not an ODE state of the flow: in the drift its mean is that of {arg}, and "
+            "its oscillation is its argument's with the opposite sign"
+        )
+        parts.append(txt + ".")
     if spec.has_central:
         parts.append(
-            "Every gradient in the drift is the time average Eg = ∇L + ½∇⟨H,Σ⟩: the implicit "
+            f"Every gradient in the drift is the time average {MOMENTS[0].unicode}: the implicit "
             "curvature penalty steers the flow away from sharp regions."
         )
     else:
@@ -152,7 +168,9 @@ def derive_report(spec: FlowSpec, console: Console) -> None:
                 KIND_WORDS[s.kind],
                 "scalar" if s.scalar else "per-coordinate",
                 sp.sstr(s.init),
-                sp.sstr(s.rate),
+                sp.sstr(s.rate)
+                if s.rate is not None
+                else f"— (holds {sp.sstr(s.argument)} for the next step)",
             )
         console.print(tab)
 
@@ -165,23 +183,28 @@ def derive_report(spec: FlowSpec, console: Console) -> None:
         )
         stab.add_column(style="bold")
         stab.add_column()
-        stab.add_row("bifurcation", st.bifurcation)
+        P, C = spec.shown("p"), spec.shown("c")
+        in_alpha = st.char_poly is not None and "α" in {x.name for x in st.char_poly.free_symbols}
+        stab.add_row("bifurcation", Bifurcation(st.bifurcation).value)
         stab.add_row(
             "characteristic polynomial",
-            sp.sstr(st.char_poly) + ("   (a = λ·p)" if st.effective_step is not None else ""),
+            sp.sstr(st.char_poly) + (f"   (α = λ·{P})" if in_alpha else "   (λ: curvature)"),
         )
         stab.add_row("critical curvature λ*", sp.sstr(st.critical_curvature))
         stab.add_row(
-            "effective step p",
-            sp.sstr(st.effective_step)
+            f"effective step {P}",
+            sp.sstr(st.effective_step) + "   (steady-state step per unit gradient)"
             if st.effective_step is not None
-            else "— (the update does not factor as −p·(linear form))",
+            else f"— ({st.step_note})",
         )
         if st.threshold is not None:
             stab.add_row(
-                "threshold c = λ*·p", f"{sp.sstr(st.threshold)}  =  {_fmt_num(st.threshold_value)}"
+                f"threshold {C} = λ*·{P}",
+                f"{sp.sstr(st.threshold)}  =  {_fmt_num(st.threshold_value)}",
             )
-            stab.add_row("applies to", "λ_max(P⁻¹H), P⁻¹ = diag(p)   (the effective Hessian)")
+            stab.add_row("applies to", f"λ_max(P⁻¹H), P⁻¹ = diag({P})   (the effective Hessian)")
+        if st.step_note and st.effective_step is not None:
+            stab.add_row("note", st.step_note)
         if st.note:
             stab.add_row("note", st.note)
         console.print(stab)
@@ -189,54 +212,86 @@ def derive_report(spec: FlowSpec, console: Console) -> None:
     if spec.has_central:
         eqs = [
             Text(
-                "Central flow (second-order average; Eg = E[g] = ∇L + ½∇⟨H,Σ⟩, "
-                "Vg = Var[g] = diag(HΣH)):",
+                "Central flow (second-order average; "
+                + ", ".join(m.unicode for m in MOMENTS)
+                + "):",
                 style="bold",
             )
         ]
         eqs.append(Text(f"dw/dt = {sp.sstr(spec.w_drift)}"))
-        for s in spec.states:
+        for s in spec.flow_states:
             eqs.append(Text(f"d{s.name}/dt = {sp.sstr(s.drift)}"))
+        delays = [s for s in spec.states if not s.is_flow_state]
+        if delays:
+            eqs.append(
+                Text(
+                    "delay states (not flow states): "
+                    + ", ".join(f"{s.name} = previous {sp.sstr(s.argument)}" for s in delays),
+                    style="dim",
+                )
+            )
         eqs.append(
             Text(
                 "Σ = U X Uᵀ on the critical eigenvectors U of P⁻¹H, with X ⪰ 0, "
-                "c·P − H ⪰ 0 and ⟨X, Uᵀ(cP − H)U⟩ = 0.",
+                f"{spec.shown('c')}·P − H ⪰ 0 and ⟨X, Uᵀ({spec.shown('c')}P − H)U⟩ = 0.",
                 style="dim",
             )
         )
         console.print(Panel(Group(*eqs), title="Drift", expand=False))
-    console.print(Panel(reading(spec), title="Reading", expand=False))
+    console.print(Panel(Text(reading(spec)), title="Reading", expand=False))
 
 
-LATEX_NAMES = {
-    "lr": r"\eta",
-    "eps": r"\epsilon",
-    "Eg": r"\mathbb{E}[g]",
-    "Vg": r"\operatorname{Var}[g]",
-}
+LATEX_NAMES = {"lr": r"\eta", "eps": r"\epsilon"}
+#: how flowgen's own quantities render in LaTeX; a file's name that would render the same
+#: way is printed upright instead (\mathrm{lambda}), so that no two things look alike
+LATEX_INTERNAL = {r"\lambda", r"\mu", r"\alpha", "p", "c", "H", "P", "L", r"\Sigma", "X", "U"}
 
 
-def latex(e: sp.Expr) -> str:
-    names = {s: LATEX_NAMES[s.name] for s in e.free_symbols if s.name in LATEX_NAMES}
-    return sp.latex(e, symbol_names=names)
+def latex_names(spec: FlowSpec | None, free: set) -> dict:
+    """``symbol_names`` for :func:`sympy.latex`: the moments, conventional Greek names for
+    ``lr``/``eps`` where free, and upright names wherever a file's name would look like
+    flowgen's own symbols or like another of the file's names."""
+    from collections import Counter
+
+    user = sorted({s.name for s in free} | (set(spec.names) if spec is not None else set()))
+    user = [n for n in user if n not in {m.name for m in MOMENTS}]
+
+    def upright(n):
+        return r"\mathrm{" + n.replace("_", r"\_") + "}"
+
+    out = {}
+    for n in user:
+        r = sp.latex(sp.Symbol(n))
+        out[n] = upright(n) if r in LATEX_INTERNAL else r
+    for n, conventional in LATEX_NAMES.items():
+        if n in out and conventional not in out.values():
+            out[n] = conventional
+    counts = Counter(out.values())
+    out = {n: (upright(n) if counts[r] > 1 else r) for n, r in out.items()}
+    for m in MOMENTS:
+        out[m.name] = m.latex
+    return out
+
+
+def latex(e: sp.Expr, spec: FlowSpec | None = None) -> str:
+    names = latex_names(spec, e.free_symbols)
+    return sp.latex(e, symbol_names={s: names[s.name] for s in e.free_symbols if s.name in names})
 
 
 def derive_latex(spec: FlowSpec) -> str:
     lines = [f"% flowgen derive {spec.path} (sha256 {spec.sha256[:12]})"]
     st = spec.stability
+    P, C = (r"\hat p", r"\hat c") if {"p", "c"} & spec.names else ("p", "c")
     if st is not None:
         if st.effective_step is not None:
-            lines.append(r"p = " + latex(st.effective_step))
+            lines.append(f"{P} = " + latex(st.effective_step, spec))
         if st.critical_curvature is not None:
-            lines.append(r"\lambda^\star = " + latex(st.critical_curvature))
+            lines.append(r"\lambda^\star = " + latex(st.critical_curvature, spec))
         if st.threshold is not None:
-            lines.append(r"\lambda_{\max}(P^{-1}H) \le c = " + latex(st.threshold))
+            lines.append(r"\lambda_{\max}(P^{-1}H) \le " + f"{C} = " + latex(st.threshold, spec))
     if spec.has_central:
-        lines.append(r"\frac{dw}{dt} = " + latex(spec.w_drift))
-        for s in spec.states:
-            lines.append(rf"\frac{{d{s.name}}}{{dt}} = " + latex(s.drift))
-        lines.append(
-            r"\text{with } E_g = \nabla L + \tfrac12 \nabla\langle H, \Sigma\rangle,\ "
-            r"V_g = \operatorname{diag}(H \Sigma H)"
-        )
+        lines.append(r"\frac{dw}{dt} = " + latex(spec.w_drift, spec))
+        for s in spec.flow_states:
+            lines.append(rf"\frac{{d{s.name}}}{{dt}} = " + latex(s.drift, spec))
+        lines.append(r"\text{with } " + r",\ ".join(m.latex_meaning for m in MOMENTS))
     return "\n".join(lines)

@@ -105,7 +105,7 @@ class CentralFlow:
         self.opt, self.problem, self.cfg = opt, problem, config
         self.c = float(opt.threshold)
         self.w = jnp.asarray(w0)
-        self.state = opt.init(self.w) if state0 is None else state0
+        self.state = opt.flow_state(opt.init(self.w) if state0 is None else state0)
         self.t = float(t0)
         self.t0 = float(t0)
         self.n = int(self.w.shape[0])
@@ -118,8 +118,7 @@ class CentralFlow:
         self.dt = dt
 
         def moments(g0, G, HU, X):
-            Eg = g0 + 0.5 * jnp.einsum("ij,ijn->n", X, G)
-            Vg = jnp.sum((HU @ X) * HU, axis=1)
+            Eg, Vg = opt.moments(g0, G, HU, X)  # the generated module's MOMENTS table
             return Eg, Vg
 
         freeze_w = config.freeze_w

@@ -121,7 +121,7 @@ class StableFlow:
     ):
         self.opt, self.problem = opt, problem
         self.w = jnp.asarray(w0)
-        self.state = opt.init(self.w) if state0 is None else state0
+        self.state = opt.flow_state(opt.init(self.w) if state0 is None else state0)
         self.t = t0
         grad = jax.grad(problem.loss)
         use_drift = opt.spec.has_central
@@ -130,7 +130,7 @@ class StableFlow:
             w, s = y
             g = grad(w)
             if use_drift:
-                dw, ds = opt.drift(w, s, g, jnp.zeros_like(g), tau + 1.0)
+                dw, ds = opt.drift(w, s, *opt.moments(g), tau + 1.0)
             else:
                 dw, ds = opt.rates(w, s, g, tau + 1.0)
             return dw, ds

@@ -21,7 +21,7 @@ from flowgen.symbolic.model import (
     tidy,
 )
 
-COUNTER, FAST, SLOW = "counter", "fast", "slow"
+COUNTER, FAST, SLOW, DELAY = "counter", "fast", "slow", "delay"
 
 
 def strip_reductions(expr: sp.Expr) -> sp.Expr:
@@ -45,11 +45,15 @@ def state_rate(model: StepModel, s: str) -> sp.Expr:
     cur = sp.Symbol(s, real=True)
     f_old = model.to_current(f.xreplace({cur: old}))
     node = model.assign_node.get(s)
+    if s in model.delays:
+        raise ValueError(f"`{s}` is a delay state: it has no rate")
     if not f_old.has(old):
         raise model.error(
-            f"state `{s}` does not depend on its previous value, so it has no rate",
+            f"state `{s}` does not depend on its previous value and no statement reads that "
+            "value, so it is a local value of the step, not a state",
             node,
-            hint=f"make `{s}` a local value of the step (drop its `state` declaration)",
+            hint=f"drop the `state` declaration of `{s}`; to keep a value for the next step, "
+            f"read `{s}` in a statement before the one that assigns it (a delay state)",
         )
     sols = _solve_linear(f_old - cur, old)
     if sols is None:
@@ -79,12 +83,14 @@ def _response(expr: sp.Expr, var: sp.Symbol, at: dict) -> sp.Expr:
 
 
 def classify_states(model: StepModel) -> dict[str, str]:
-    """counter / fast / slow, per ``central-flows.md`` §3.
+    """counter / fast / slow / delay, per ``central-flows.md`` §3.
 
+    * delay: the previous step's value of an expression (``gp = g``), see
+      :class:`~flowgen.symbolic.model.StepModel`; not an ODE state of the flow;
     * counter: the update depends (transitively) on neither ``g`` nor ``w``;
-    * fast: linear response to ``g`` (or to another fast state) at the
-      zero-gradient point (``g = 0``, g-dependent states at 0) — it takes part
-      in the oscillation;
+    * fast: linear response to ``g`` (or to another fast state, or to an
+      oscillating delay) at the zero-gradient point (``g = 0``, g-dependent
+      states at 0) — it takes part in the oscillation;
     * slow: everything else (feels the oscillation only through second moments).
     """
     states = model.states
@@ -103,7 +109,7 @@ def classify_states(model: StepModel) -> dict[str, str]:
                 changed = True
     # linear responses at the zero-gradient point: g = 0, w = 0, g-dependent states at 0
     at = {G: 0, W: 0, **{olds[o]: 0 for o in stochastic}}
-    fast: set[str] = set()
+    fast: set[str] = set()  # fast states and oscillating delays
     changed = True
     while changed:
         changed = False
@@ -116,7 +122,41 @@ def classify_states(model: StepModel) -> dict[str, str]:
             if any(r != 0 for r in resp):
                 fast.add(s)
                 changed = True
-    return {s: (FAST if s in fast else SLOW if s in stochastic else COUNTER) for s in states}
+    return {
+        s: (
+            DELAY
+            if s in model.delays
+            else FAST
+            if s in fast
+            else SLOW
+            if s in stochastic
+            else COUNTER
+        )
+        for s in states
+    }
+
+
+def oscillating(model: StepModel, classes: dict[str, str]) -> tuple[str, ...]:
+    """Fast states and the delays that respond linearly to the oscillation, in state order:
+    the variables (besides ``w``) of the linearised map."""
+    olds = {s: sp.Symbol(s, real=True) for s in model.states}
+    osc = [s for s in model.states if classes[s] == FAST]
+    stochastic = [s for s in model.states if classes[s] != COUNTER]
+    at = {G: 0, W: 0, **{olds[o]: 0 for o in stochastic}}
+    delays = [d for d in model.states if classes[d] == DELAY]
+    changed = True
+    while changed:
+        changed = False
+        for d in delays:
+            if d in osc:
+                continue
+            expr = model.f_full[d]
+            resp = [_response(expr, G, at), _response(expr, W, at)]
+            resp += [_response(expr, olds[f], at) for f in osc if f != d]
+            if any(r != 0 for r in resp):
+                osc.append(d)
+                changed = True
+    return tuple(s for s in model.states if s in osc)
 
 
 def uses_new_value(model: StepModel, expr: sp.Expr) -> bool:

@@ -3,10 +3,13 @@
 Write the iterate as ``w̄ + δ``. The gradient read by a step oscillates,
 ``g = E[g] + δg`` with ``Var[g_i] = diag(HΣH)_i =: Vg``; a fast state moves with
 it on the flip mode, ``δf = κ_step·δg`` (``κ_step = −κ``: the step reads the
-gradient at the previous iterate); slow states and counters are frozen. For a
-smooth rate ``r(g, f, ...)``
+gradient at the previous iterate); a delay state reads its argument one step
+back (same mean, oscillation of opposite sign); slow states and counters are
+frozen. For a smooth rate ``r(g, f, ...)``
 
     E r ≈ r(Eg, f̄) + ½ Vg · d²/dε² r(Eg + ε, f̄ + κ_step ε)|₀ .
+
+The rules themselves are the tables of :mod:`flowgen.symbolic.moments`.
 
 Reductions average coordinate by coordinate: ``E sum(h) = sum(E h)``. A rate
 that is nonlinear in a reduction of an oscillating quantity would need
@@ -17,18 +20,27 @@ from __future__ import annotations
 
 import sympy as sp
 
-from flowgen.symbolic.classify import FAST
-from flowgen.symbolic.model import NONSMOOTH, REDUCTION_CLASSES, Eg, G, StepModel, Vg, simp, tidy
-
-EPS = sp.Symbol("epsilon")
+from flowgen.symbolic import moments
+from flowgen.symbolic.classify import oscillating
+from flowgen.symbolic.model import (
+    NONSMOOTH,
+    REDUCTION_CLASSES,
+    G,
+    StepModel,
+    T,
+    W,
+    new_symbol,
+    tidy,
+)
+from flowgen.symbolic.moments import Oscillation
 
 
 def nonsmooth_check(model: StepModel, classes: dict[str, str]) -> None:
-    """Refuse sign/abs/min/max of anything that oscillates (``g``, ``w``, fast states)."""
-    osc = {G, sp.Symbol("w", real=True)} | {
-        sp.Symbol(s, real=True) for s in model.states if classes[s] == FAST
-    }
-    osc |= {sp.Symbol(s + "'", real=True) for s in model.states if classes[s] == FAST}
+    """Refuse sign/abs/min/max of anything that oscillates (``g``, ``w``, fast states,
+    delays of oscillating values)."""
+    moving = oscillating(model, classes)
+    osc = {G, W} | {sp.Symbol(s, real=True) for s in moving}
+    osc |= {new_symbol(s) for s in moving}
     local_osc: set[str] = set()
     for st in model.statements:
         for fn in st.value.atoms(*NONSMOOTH):
@@ -61,45 +73,45 @@ def nonsmooth_check(model: StepModel, classes: dict[str, str]) -> None:
             local_osc.add(st.target)
 
 
-def average(model: StepModel, rate: sp.Expr, kappa_step: dict[str, sp.Expr], who: str) -> sp.Expr:
-    """``E[rate]`` to second order, in ``Eg``, ``Vg`` and current state values.
+def oscillation(
+    model: StepModel, kappa_step: dict[str, sp.Expr], w_amplitude: sp.Expr | None
+) -> Oscillation:
+    """The oscillation rules of :data:`~flowgen.symbolic.moments.OSCILLATIONS` for this
+    model: ``kappa_step`` maps each fast state to its oscillation per unit oscillation of
+    the gradient the step reads; ``w`` moves by ``w_amplitude`` (``1/λ*``); delay states
+    read their argument one step back."""
+    amp = {sp.Symbol(f, real=True): k for f, k in kappa_step.items()}
+    if w_amplitude is not None:
+        amp[W] = w_amplitude
+    return Oscillation(
+        gradient=G,
+        amplitude=amp,
+        delays={sp.Symbol(d, real=True): model.f[d] for d in model.delays},
+        new_values={new_symbol(s): sp.Symbol(s, real=True) for s in model.states},
+        iterate=W,
+        counter=T,
+    )
 
-    ``kappa_step`` maps each oscillating name (fast states, and ``w``) to its
-    oscillation per unit oscillation of the gradient the step reads.
-    """
-    fsyms = {sp.Symbol(f, real=True): k for f, k in kappa_step.items()}
-    osc_syms = {G, *fsyms}
 
-    # reductions -> placeholders R_k, averaged separately
-    reds = sorted(rate.atoms(*REDUCTION_CLASSES), key=sp.default_sort_key)
-    placeholders = {r: sp.Dummy(f"R{i}", real=True) for i, r in enumerate(reds)}
-    body = rate.xreplace(placeholders)
-    osc_reds = {r for r in reds if r.args[0].free_symbols & osc_syms}
-    direction = {G: G + EPS, **{f: f + k * EPS for f, k in fsyms.items()}}
+def average(model: StepModel, rate: sp.Expr, osc: Oscillation, who: str) -> sp.Expr:
+    """``E[rate]`` to second order, in the moments (``Eg``, ``Vg``) and current state values
+    (:func:`flowgen.symbolic.moments.average`)."""
 
-    def second(expr):
-        e = expr.xreplace(direction)
-        return sp.diff(e, EPS, 2).subs(EPS, 0)
+    def refuse(r):
+        raise model.error(
+            f"the rate of `{who}` is nonlinear in {r}, a reduction of an oscillating "
+            "quantity; its average needs cross-coordinate covariances flowgen does not model",
+            model.assign_node.get(who),
+        )
 
-    # reductions of oscillating quantities must enter linearly and not multiply oscillation
-    for r in osc_reds:
-        R = placeholders[r]
-        bad = sp.diff(body, R, 2) != 0 or any(simp(sp.diff(body, R, x)) != 0 for x in osc_syms)
-        if bad:
-            raise model.error(
-                f"the rate of `{who}` is nonlinear in {r}, a reduction of an oscillating "
-                "quantity; its average needs cross-coordinate covariances flowgen does not model",
-                model.assign_node.get(who),
-            )
-    mean_reds = {}
-    for r in reds:
-        arg = r.args[0]
-        if r in osc_reds:
-            avg_arg = arg.xreplace({G: Eg}) + sp.Rational(1, 2) * Vg * second(arg).xreplace({G: Eg})
-            mean_reds[placeholders[r]] = r.func(sp.expand(avg_arg))
-        else:
-            mean_reds[placeholders[r]] = r
-    first = body.xreplace({G: Eg})
-    corr = sp.Rational(1, 2) * Vg * second(body).xreplace({G: Eg})
-    out = (first + corr).xreplace(mean_reds)
+    out = moments.average(rate, osc, REDUCTION_CLASSES, on_cross_coordinate=refuse)
+    if out == rate.xreplace({G: moments.MEAN}):  # linear in what oscillates: already tidy
+        return out
     return tidy(out)
+
+
+def at_rest(model: StepModel, rate: sp.Expr) -> sp.Expr:
+    """A raw rate without oscillation: delay states read their argument's value."""
+    if not {sp.Symbol(d, real=True) for d in model.delays} & rate.free_symbols:
+        return rate
+    return tidy(oscillation(model, {}, None).at_rest(rate))

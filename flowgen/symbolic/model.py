@@ -7,7 +7,11 @@ Conventions (``central-flows.md`` §3):
 * reductions are the sympy functions :class:`rsum` and :class:`rmean`
   (printed ``sum(...)``, ``mean(...)``); ``norm(x)`` is ``sqrt(sum(x**2))``;
 * a state ``s`` read before its assignment in the step is its *old* value (the
-  plain symbol ``s``); after it, the *new* value (the symbol ``s'``).
+  plain symbol ``s``); after it, the *new* value (the symbol ``s'``);
+* a state whose update does not read its own old value, while some statement
+  does read that old value (``gp = g`` after ``d = g - gp``), is a *delay*
+  state: the previous step's value of its argument. Its new value is that
+  argument, so in current values ``d'`` is replaced by it (:meth:`StepModel.to_current`).
 
 User text is never ``sympify``-ed: expressions are built node by node.
 """
@@ -125,6 +129,7 @@ class StepModel:
     w_new: sp.Expr  # with s' symbols
     w_new_full: sp.Expr  # old symbols only
     assign_node: dict[str, ast.Assign]
+    delays: tuple[str, ...] = ()  # delay states, in assignment order
 
     def sym(self, name: str) -> sp.Symbol:
         if name in self.hyper:
@@ -140,8 +145,12 @@ class StepModel:
         return DerivationError(message, location=loc, hint=hint)
 
     def to_current(self, expr: sp.Expr) -> sp.Expr:
-        """Express in current (flow) values: every ``s'`` becomes ``s``."""
-        return expr.xreplace({new_symbol(s): sp.Symbol(s, real=True) for s in self.states})
+        """Express in current (flow) values: every ``s'`` becomes ``s``, and a delay
+        state's new value becomes its argument (in current values)."""
+        reps = {new_symbol(s): sp.Symbol(s, real=True) for s in self.states}
+        for d in self.delays:  # in assignment order: an argument reads earlier states only
+            reps[new_symbol(d)] = self.f[d].xreplace(reps)
+        return expr.xreplace(reps)
 
 
 def hyper_symbol(name: str, value: float) -> sp.Symbol:
@@ -310,6 +319,19 @@ def _build_model(program: ast.Program, values: dict, hyper: dict) -> StepModel:
         f_full.setdefault(s, plain[s])
     w_new_full = w_new.xreplace(expand)
 
+    # delay states: assigned without reading their own old value, which another statement reads
+    def old_value_read(s: str) -> bool:
+        others = [f[o] for o in states if o != s]
+        return any(plain[s] in e.free_symbols for e in (w_new, *others))
+
+    delays = tuple(
+        st.target
+        for st in statements
+        if st.role == "state"
+        and plain[st.target] not in f[st.target].free_symbols
+        and old_value_read(st.target)
+    )
+
     return StepModel(
         program=program,
         hyper=hyper,
@@ -323,6 +345,7 @@ def _build_model(program: ast.Program, values: dict, hyper: dict) -> StepModel:
         w_new=w_new,
         w_new_full=w_new_full,
         assign_node=assign_node,
+        delays=delays,
     )
 
 
