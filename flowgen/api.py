@@ -56,7 +56,7 @@ class OptFile:
         **hyper: float,
     ):
         """Discrete optimizer and stable flow in lockstep; returns a ``RunResult``."""
-        from flowgen.runtime.problems import Problem, get_problem
+        from flowgen.problems import Problem, get_problem
         from flowgen.runtime.run import RunConfig, run_stable
 
         prob = (
@@ -84,8 +84,8 @@ class OptFile:
         Returns a ``ValidationResult``; with ``out`` also writes report.json,
         series.npz and validate.png there.
         """
+        from flowgen.problems import Problem, get_problem
         from flowgen.runtime.central import CentralConfig
-        from flowgen.runtime.problems import Problem, get_problem
         from flowgen.runtime.validate import ValidateConfig, validate
 
         prob = (
@@ -124,7 +124,7 @@ class OptFile:
         Returns an ``Explanation``; with ``out`` also writes report.json, explain.npz and
         the PNG figures there.
         """
-        from flowgen.runtime.problems import Problem, get_problem
+        from flowgen.problems import Problem, get_problem
         from flowgen.runtime.stationary import ExplainConfig, explain
 
         prob = (

@@ -106,7 +106,7 @@ def _check_counts(args) -> None:
 
 
 def _problem(args):
-    from flowgen.runtime.problems import get_problem, parse_problem_options
+    from flowgen.problems import get_problem, parse_problem_options
 
     opts = parse_problem_options(args.problem_opt or [], args.problem)
     return get_problem(args.problem, **opts)

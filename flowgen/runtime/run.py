@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowgen.precision import in_float64
+from flowgen.problems import Problem
 from flowgen.runtime.optimizer import Optimizer
-from flowgen.runtime.problems import Problem
 from flowgen.runtime.processes import DiscreteProcess, SharpnessMeter, StableFlow
 
 

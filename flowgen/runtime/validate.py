@@ -33,9 +33,9 @@ import numpy as np
 
 from flowgen.errors import UsageError
 from flowgen.precision import in_float64
+from flowgen.problems import Problem
 from flowgen.runtime.central import CentralConfig, CentralFlow
 from flowgen.runtime.optimizer import Optimizer
-from flowgen.runtime.problems import Problem
 from flowgen.runtime.processes import DiscreteProcess, SharpnessMeter, StableFlow
 from flowgen.runtime.run import default_start
 
