@@ -127,6 +127,16 @@ class Options:
             )
         return float(value)
 
+    def member(self, key: str, value: Any, allowed: Sequence[int]) -> int:
+        """An integer among ``allowed``."""
+        if not is_int(value) or value not in allowed:
+            raise ProblemError(
+                f"{self.problem} needs {key} in {{{', '.join(map(str, allowed))}}}, "
+                f"got {key}={value!r}",
+                hint=f"e.g. {self._example(key)}",
+            )
+        return int(value)
+
     def choice(self, key: str, value: Any, choices: Sequence[str]) -> str:
         """One of ``choices``."""
         if value not in choices:

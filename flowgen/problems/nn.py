@@ -16,6 +16,7 @@ three times:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -32,9 +33,13 @@ __all__ = [
     "dense",
     "dense_init",
     "group_norm",
+    "image_patches",
+    "conv2d_patches",
     "layer_norm",
     "norm_init",
     "rms_norm",
+    "transformer_block",
+    "transformer_block_init",
 ]
 
 #: Smooth activations by name.
@@ -111,12 +116,56 @@ def conv_init(
     }
 
 
+@functools.cache
+def _shifts(height: int, width: int, size: int) -> np.ndarray:
+    """``S[a·size + b, p, q] = 1`` when output pixel ``q`` reads input pixel ``p`` through
+    kernel tap ``(a, b)`` ('same' zero padding): (size², H·W, H·W)."""
+    r = size // 2
+    s = np.zeros((size * size, height * width, height * width))
+    for a in range(size):
+        for b in range(size):
+            for i in range(height):
+                for j in range(width):
+                    ii, jj = i + a - r, j + b - r
+                    if 0 <= ii < height and 0 <= jj < width:
+                        s[a * size + b, ii * width + jj, i * width + j] = 1.0
+    return s
+
+
 def conv2d(p: dict, x: jax.Array) -> jax.Array:
-    """Stride-1 'same' convolution (zero padding): (n, H, W, C_in) → (n, H, W, C_out)."""
-    out = jax.lax.conv_general_dilated(
-        x, p["W"], window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+    """Stride-1 'same' convolution (zero padding): (n, H, W, C_in) → (n, H, W, C_out).
+
+    ``out[q, o] = Σ_{a,b,i} x[q + (a, b) − r, i] · K[a, b, i, o] + c[o]``, applied
+    as one dense linear map ``T(K) = Σ_{ab} S_ab ⊗ K_ab`` of size
+    (H·W·C_in, H·W·C_out), with ``S_ab`` the fixed shift matrices. On 8×8
+    images this is faster on a CPU than a convolution primitive, for the
+    gradient and even more for Hessian-vector products (forward over reverse);
+    the result is the same (tested against ``lax.conv_general_dilated``).
+    """
+    n, h, w, c_in = x.shape
+    size, c_out = p["W"].shape[0], p["W"].shape[3]
+    shifts = _shifts(h, w, size)  # (size², H·W, H·W), numpy constant
+    kernel = p["W"].reshape(size * size, c_in, c_out)  # (size², C_in, C_out)
+    op = jnp.einsum("kpq,kio->piqo", shifts, kernel).reshape(h * w * c_in, h * w * c_out)
+    out = (x.reshape(n, h * w * c_in) @ op).reshape(n, h, w, c_out)
     return out + p["b"]
+
+
+def image_patches(images: np.ndarray, size: int = 3) -> np.ndarray:
+    """The ``size×size`` neighbourhood of every pixel, zero padded (numpy, for fixed data):
+    (n, H, W, C) → (n, H, W, size²·C), taps in the order of :func:`conv_init`'s kernel."""
+    n, h, w, c = images.shape
+    r = size // 2
+    padded = np.pad(images, ((0, 0), (r, r), (r, r), (0, 0)))
+    taps = [padded[:, a : a + h, b : b + w, :] for a in range(size) for b in range(size)]
+    return np.concatenate(taps, axis=-1)
+
+
+def conv2d_patches(p: dict, patches: jax.Array) -> jax.Array:
+    """:func:`conv2d` of fixed inputs given as :func:`image_patches`: one matrix product,
+    (n, H, W, size²·C_in) → (n, H, W, C_out)."""
+    size, _, c_in, c_out = p["W"].shape
+    return patches @ p["W"].reshape(size * size * c_in, c_out) + p["b"]
 
 
 def avg_pool2(x: jax.Array) -> jax.Array:
@@ -155,3 +204,20 @@ def attention(p: dict, x: jax.Array, heads: int, causal: bool) -> jax.Array:
     weights = jax.nn.softmax(scores, axis=-1)  # (n, heads, T, T)
     out = (weights @ v).transpose(0, 2, 1, 3).reshape(n, t, d)  # (n, T, d)
     return dense(p["o"], out)
+
+
+def transformer_block_init(rng: np.random.Generator, width: int) -> dict:
+    """Parameters of one pre-norm block: two layer norms, attention, a 2×width MLP."""
+    return {
+        "norm1": norm_init(width),
+        "attn": attention_init(rng, width),
+        "norm2": norm_init(width),
+        "up": dense_init(rng, width, 2 * width),
+        "down": dense_init(rng, 2 * width, width),
+    }
+
+
+def transformer_block(p: dict, h: jax.Array, heads: int, causal: bool) -> jax.Array:
+    """``h + A(LN(h))`` then ``h + W₂ gelu(W₁ LN(h) + b₁) + b₂``: (n, T, width) → same."""
+    h = h + attention(p["attn"], layer_norm(p["norm1"], h), heads, causal)
+    return h + dense(p["down"], jax.nn.gelu(dense(p["up"], layer_norm(p["norm2"], h))))

@@ -96,6 +96,18 @@ REGISTRY: dict[str, Entry] = _entries(
     Entry("digits-mlp", "mlp", "digits_mlp", "digits",
           "the mlp under its historical name (same defaults and w0)",
           alias_of="mlp"),
+    Entry("cnn", "cnn", "cnn", "digits",
+          "convolutions 3×3 with tanh and 2×2 average pooling, linear readout"),
+    Entry("resnet", "resnet", "resnet", "digits",
+          "pre-activation residual blocks with group norm, mean-pooled"),
+    Entry("vit", "vit", "vit", "digits",
+          "vision transformer on 4×4 patches, pre-norm, mean-pooled"),
+    Entry("lstm", "lstm", "lstm", "sorting",
+          "LSTM reading the sequence, predicting the sorted half"),
+    Entry("transformer", "transformer", "transformer", "sorting",
+          "causal pre-norm transformer, predicting the sorted half"),
+    Entry("mamba", "mamba", "mamba", "sorting",
+          "selective state-space model (Mamba blocks, lax.scan), predicting the sorted half"),
 )
 # fmt: on
 
