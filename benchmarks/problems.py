@@ -92,7 +92,7 @@ def eos_run(
     prob = get_problem(name, **(problem_options or {}))
     c = opt.threshold
     proc = DiscreteProcess(opt, prob, prob.w0)
-    meter = SharpnessMeter(opt, prob, k=1, tol=1e-6)
+    meter = SharpnessMeter(opt, prob, k=1, tol=1e-4)
     ts, sharp, loss = [], [], []
     status = "ok"
     tic = time.perf_counter()
@@ -123,6 +123,7 @@ def eos_run(
         "loss_start": loss[0] if loss else None,
         "loss_end": loss[-1] if loss else None,
         "seconds": time.perf_counter() - tic,
+        "trace": {"step": ts.tolist(), "sharpness": sharp.tolist(), "loss": loss},
     }
     if eos_step is not None:
         after = sharp[ts >= eos_step]

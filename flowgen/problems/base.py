@@ -19,10 +19,12 @@ from flowgen.errors import ProblemError
 if TYPE_CHECKING:  # pragma: no cover
     import jax
 
-__all__ = ["SPEC_HINT", "Options", "Problem", "defaults_of"]
+__all__ = ["SPEC_HINT", "USER_SPEC", "Options", "Problem", "defaults_of"]
 
+#: How to name a user's problem.
+USER_SPEC = "`path/to/file.py:function` or `package.module:function`"
 #: How to name a problem, for hints.
-SPEC_HINT = "name a built-in, `path/to/file.py:function` or `package.module:function`"
+SPEC_HINT = f"name a built-in, {USER_SPEC}"
 
 
 @dataclass(frozen=True, eq=False)
