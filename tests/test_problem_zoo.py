@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT
 from jax.flatten_util import ravel_pytree
 
 from flowgen.cli import main
@@ -18,7 +19,6 @@ from flowgen.problems import REGISTRY, builtin_names, data, get_problem, losses,
 from flowgen.problems.zoo.lstm import lstm_layer
 from flowgen.problems.zoo.mamba import selective_scan
 from flowgen.runtime.derivatives import third_contractions
-from conftest import ROOT
 
 ARCHITECTURES = ("mlp", "cnn", "resnet", "vit", "lstm", "transformer", "mamba")
 
