@@ -15,6 +15,7 @@ Both are small, in memory, deterministic and need no network:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,10 +28,14 @@ __all__ = ["Sorting", "digits", "digits_images", "one_hot", "sorting"]
 DIGITS_SIDE = 8
 
 
+@functools.cache
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """All of scikit-learn's digits, read once (read-only arrays)."""
     from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
 
     images, labels = load_digits(return_X_y=True)  # (1797, 64), (1797,)
+    images.flags.writeable = False
+    labels.flags.writeable = False
     return images, labels
 
 
