@@ -34,7 +34,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flowgen  # noqa: E402
-from flowgen.runtime.problems import get_problem  # noqa: E402
+from flowgen.problems import get_problem  # noqa: E402
 from flowgen.runtime.processes import StableFlow  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)

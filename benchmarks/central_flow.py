@@ -19,8 +19,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import jax  # noqa: E402
 
 import flowgen  # noqa: E402
+from flowgen.problems import get_problem  # noqa: E402
 from flowgen.runtime.central import CentralFlow  # noqa: E402
-from flowgen.runtime.problems import get_problem  # noqa: E402
 from flowgen.runtime.processes import DiscreteProcess, StableFlow  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

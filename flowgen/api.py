@@ -177,7 +177,7 @@ class OptFile:
 
 def _problem(problem, options):
     """A :class:`Problem` from a name/spec (with options) or as given."""
-    from flowgen.runtime.problems import Problem, get_problem
+    from flowgen.problems import Problem, get_problem
 
     return problem if isinstance(problem, Problem) else get_problem(problem, **(options or {}))
 

@@ -133,10 +133,36 @@ def _check_counts(args) -> None:
 
 
 def _problem(args):
-    from flowgen.runtime.problems import get_problem, parse_problem_options
+    from flowgen.problems import get_problem, parse_problem_options
 
     opts = parse_problem_options(args.problem_opt or [], args.problem)
     return get_problem(args.problem, **opts)
+
+
+def cmd_problems(args) -> int:
+    from flowgen.problems import describe_problems
+    from flowgen.problems.base import USER_SPEC
+
+    items = describe_problems()
+    if args.json:
+        print(json.dumps({"problems": items, "user_problems": USER_SPEC}, indent=2))
+        return 0
+    from rich.table import Table
+
+    tab = Table(title="built-in problems (--problem NAME)", title_justify="left", box=None)
+    for col in ("name", "data", "params", "options (defaults)", "description"):
+        tab.add_column(col, overflow="fold")
+    for it in items:
+        opts = " ".join(
+            f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in it["options"].items()
+        )
+        desc = f"alias of {it['alias_of']}" if it["alias_of"] else it["description"]
+        tab.add_row(it["name"], it["data"], str(it["n_params"]), opts, desc)
+    con = _console()
+    con.print(tab)
+    con.print(f"or your own: --problem {USER_SPEC} (examples/my_problem.py, docs/problems.md)")
+    return 0
 
 
 def _progress(label: str):
@@ -333,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?")
     p.set_defaults(func=cmd_list)
 
+    p = sub.add_parser("problems", help="list the built-in problems and their options")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_problems)
+
     p = sub.add_parser("codegen", help="write the generated JAX module")
     p.add_argument("file")
     with_set(p)
@@ -344,11 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_codegen)
 
+    from flowgen.problems.registry import builtin_names
+
     def with_problem(p):
         p.add_argument(
             "--problem",
             default="digits-mlp",
-            help="builtin (quadratic, digits-mlp) or path/file.py:func or module:func",
+            help=f"built-in ({', '.join(builtin_names())}; see `flowgen problems`) "
+            "or path/file.py:func or module:func",
         )
         p.add_argument(
             "--problem-opt",

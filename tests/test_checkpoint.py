@@ -14,9 +14,9 @@ from conftest import ROOT
 import flowgen
 from flowgen.cli import main
 from flowgen.errors import UsageError
+from flowgen.problems import get_problem
 from flowgen.runtime.checkpoint import CHECKPOINT_NAME, CheckpointStore, run_identity
 from flowgen.runtime.loop import Interrupted
-from flowgen.runtime.problems import get_problem
 from flowgen.runtime.validate import ValidateConfig, validate
 
 OPT = ROOT / "optimizers"

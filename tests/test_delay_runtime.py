@@ -13,8 +13,8 @@ import pytest
 from conftest import ROOT
 
 import flowgen
+from flowgen.problems import get_problem
 from flowgen.runtime.central import CentralFlow
-from flowgen.runtime.problems import get_problem
 from flowgen.runtime.processes import DiscreteProcess, StableFlow
 from flowgen.runtime.validate import ValidateConfig, validate
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT
 
 import flowgen
-from flowgen.runtime.problems import get_problem
+from flowgen.problems import get_problem
 
 STEPS = 200
 RTOL = 1e-10

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flowgen.errors import ProblemError
-from flowgen.runtime.problems import (
+from flowgen.problems import (
     BUILTIN,
     QUADRATIC_EOS_LR,
     Problem,

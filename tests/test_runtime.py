@@ -11,8 +11,8 @@ from conftest import ROOT
 import flowgen
 from flowgen.cli import main
 from flowgen.errors import SimulationError
+from flowgen.problems import digits_mlp, get_problem
 from flowgen.runtime.central import CentralFlow
-from flowgen.runtime.problems import digits_mlp, get_problem
 from flowgen.runtime.processes import DiscreteProcess, StableFlow
 from flowgen.runtime.validate import ValidateConfig, centred_window, first_crossing, validate
 

@@ -15,7 +15,7 @@ from conftest import ROOT
 
 import flowgen
 from flowgen.cli import main
-from flowgen.runtime.problems import digits_mlp, quadratic
+from flowgen.problems import digits_mlp, quadratic
 from flowgen.runtime.processes import DiscreteProcess, SharpnessMeter
 from flowgen.runtime.stationary import (
     compare,

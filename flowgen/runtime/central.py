@@ -39,9 +39,9 @@ import numpy as np
 
 from flowgen.errors import SimulationError
 from flowgen.precision import in_float64
+from flowgen.problems import Problem
 from flowgen.runtime import derivatives, eigen
 from flowgen.runtime.optimizer import Optimizer
-from flowgen.runtime.problems import Problem
 from flowgen.runtime.sdcp import solve_sdcp
 
 

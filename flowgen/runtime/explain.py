@@ -20,11 +20,11 @@ import numpy as np
 
 from flowgen.errors import UsageError
 from flowgen.precision import in_float64
+from flowgen.problems import Problem
 from flowgen.runtime.central import CentralConfig, CentralFlow
 from flowgen.runtime.checkpoint import CheckpointStore
 from flowgen.runtime.loop import Experiment, FlowLane, Progress, default_start, no_progress
 from flowgen.runtime.optimizer import Optimizer
-from flowgen.runtime.problems import Problem
 from flowgen.runtime.series import json_values
 from flowgen.runtime.stationary import (
     Relaxation,

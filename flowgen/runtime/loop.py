@@ -47,10 +47,10 @@ import numpy as np
 
 from flowgen.errors import FlowgenError, UsageError
 from flowgen.precision import in_float64
+from flowgen.problems import Problem
 from flowgen.runtime.checkpoint import CheckpointStore
 from flowgen.runtime.devices import Placement
 from flowgen.runtime.optimizer import Optimizer
-from flowgen.runtime.problems import Problem
 from flowgen.runtime.processes import DiscreteProcess, SharpnessMeter
 from flowgen.runtime.series import Series
 

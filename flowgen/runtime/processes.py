@@ -24,8 +24,8 @@ import numpy as np
 
 from flowgen.errors import SimulationError
 from flowgen.precision import in_float64
+from flowgen.problems import Problem
 from flowgen.runtime.optimizer import Optimizer, tree_finite
-from flowgen.runtime.problems import Problem
 
 
 @dataclass

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from flowgen.problems import Problem
 from flowgen.runtime.checkpoint import CheckpointStore
 from flowgen.runtime.loop import Experiment, FlowLane, Progress, default_start
 from flowgen.runtime.optimizer import Optimizer
-from flowgen.runtime.problems import Problem
 from flowgen.runtime.processes import StableFlow
 from flowgen.runtime.series import json_values
 

@@ -84,10 +84,10 @@ import sympy as sp
 
 from flowgen.errors import SimulationError, UsageError
 from flowgen.precision import in_float64
+from flowgen.problems import Problem
 from flowgen.runtime import derivatives, eigen
 from flowgen.runtime.central import CentralConfig, CentralFlow
 from flowgen.runtime.optimizer import Optimizer
-from flowgen.runtime.problems import Problem
 
 __all__ = [
     "Relaxation",

@@ -29,11 +29,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from flowgen.errors import UsageError
+from flowgen.problems import Problem
 from flowgen.runtime.central import CentralConfig, CentralFlow
 from flowgen.runtime.checkpoint import CheckpointStore
 from flowgen.runtime.loop import Experiment, FlowLane, Progress, first_crossing
 from flowgen.runtime.optimizer import Optimizer
-from flowgen.runtime.problems import Problem
 from flowgen.runtime.processes import StableFlow
 from flowgen.runtime.series import json_values
 
