@@ -304,6 +304,7 @@ class IntegratorConfig:
     stiff_ratio: float = 2.0  # explicit → implicit when h·ρ ≥ this ...
     stiff_dt: float = 0.25  # ... and h ≤ this (explicit steps cost ≥ 24 gradients per unit)
     nonstiff_ratio: float = 1.0  # implicit → explicit when h·ρ < this
+    samples_per_call: int = 64  # sample buffer of one compiled call (chunks loop over it)
     krylov_dim: int = 30  # GMRES iterations per stage at most
     krylov_keep: int = 40  # directions shared by the stages of one step
     lin_tol: float = 0.02  # GMRES residual ≤ lin_tol·‖atol + rtol·|y|‖₂
@@ -338,7 +339,7 @@ class StiffIntegrator:
         self.field, self.config = field, config
         y0 = jnp.asarray(y0)
         self.n = int(y0.shape[0])
-        self.time_dependent = _depends_on_time(field, float(t0), y0)
+        self._steppers = _steppers_for(field, y0, float(t0), config)
         fdt = y0.dtype
         t = jnp.asarray(float(t0), fdt)
         f0 = jax.jit(field)(t, y0)
@@ -361,11 +362,6 @@ class StiffIntegrator:
             counters=jnp.zeros(len(COUNTERS), jnp.int64).at[COUNTERS.index("f_evals")].set(1),
         )
         self.switches: list[tuple[float, str]] = []  # (time, new solver)
-        self._compiled: dict = {}  # (mode, K) -> ahead-of-time compiled loop
-        self._loops = {
-            EXPLICIT: jax.jit(partial(self._loop, EXPLICIT), static_argnames="K"),
-            IMPLICIT: jax.jit(partial(self._loop, IMPLICIT), static_argnames="K"),
-        }
 
     # ------------------------------------------------------------------ public
 
@@ -381,47 +377,57 @@ class StiffIntegrator:
     def counters(self) -> dict[str, int]:
         return dict(zip(COUNTERS, (int(x) for x in np.asarray(self.state.counters)), strict=True))
 
-    def _args(self, t_first: float, K: int, max_steps: int):
+    def _buffer(self):
         fdt = self.state.y.dtype
-        ys = jnp.zeros((K, self.n), fdt)  # (K, n) samples
-        written = jnp.asarray(0, jnp.int64)
-        budget = jnp.asarray(int(max_steps), jnp.int64)
-        return ys, written, jnp.asarray(float(t_first), fdt), budget
+        ys = jnp.zeros((self.config.samples_per_call, self.n), fdt)  # (S, n) samples
+        return ys, jnp.asarray(0, jnp.int64)
 
-    def compile(self, K: int) -> None:
-        """Compile the loops for chunks of ``K`` samples ahead of time (both steppers
-        unless the solver is fixed), so that timing :meth:`advance` excludes compilation."""
-        ys, written, t_first, budget = self._args(0.0, K, 1)
+    def compile(self) -> None:
+        """Compile the loops ahead of time (both steppers unless the solver is fixed),
+        so that timing :meth:`advance` excludes compilation. The loops do not depend
+        on the chunk size."""
+        ys, written = self._buffer()
+        fdt = self.state.y.dtype
+        args = (ys, written, written, jnp.asarray(0.0, fdt), written)
         modes = {"explicit": (EXPLICIT,), "implicit": (IMPLICIT,)}.get(
             self.config.solver, (EXPLICIT, IMPLICIT)
         )
+        steppers = self._steppers
         for mode in modes:
-            if (mode, K) not in self._compiled:
+            if mode not in steppers.compiled:
                 state = self.state._replace(mode=jnp.asarray(mode, jnp.int64))
-                lowered = self._loops[mode].lower(state, ys, written, t_first, budget, K=K)
-                self._compiled[(mode, K)] = lowered.compile()
+                steppers.compiled[mode] = steppers.loops[mode].lower(state, *args).compile()
 
     def advance(self, t_first: float, K: int, max_steps: int) -> jax.Array:
-        """Samples at ``t_first, t_first + 1, …, t_first + K − 1`` (all ≥ the state's
-        interpolation interval start), as a ``(K, n)`` array."""
-        ys, written, t_first, budget = self._args(t_first, K, max_steps)
-        while True:
-            mode = self.mode
-            loop = self._compiled.get((mode, K))
-            if loop is None:
-                loop = partial(self._loops[mode], K=K)
-            self.state, ys, written, status, budget = loop(self.state, ys, written, t_first, budget)
-            status = int(status)
-            if status == _DONE:
-                return ys
-            if status == _SWITCH:
-                new = 1 - mode
-                self.state = self.state._replace(
-                    mode=jnp.asarray(new, jnp.int64), since_probe=jnp.asarray(0, jnp.int64)
+        """Samples at ``t_first, t_first + 1, …, t_first + K − 1`` (all after the start
+        of the last step), as a ``(K, n)`` array; at most ``max_steps`` steps."""
+        fdt = self.state.y.dtype
+        budget = jnp.asarray(int(max_steps), jnp.int64)
+        out, done = [], 0
+        while done < K:
+            k = min(self.config.samples_per_call, K - done)
+            ys, written = self._buffer()
+            count, t0 = jnp.asarray(k, jnp.int64), jnp.asarray(float(t_first + done), fdt)
+            while True:
+                mode = self.mode
+                loop = self._steppers.compiled.get(mode, self._steppers.loops[mode])
+                self.state, ys, written, status, budget = loop(
+                    self.state, ys, written, count, t0, budget
                 )
-                self.switches.append((float(self.state.t), MODE_NAMES[new]))
-                continue
-            raise IntegrationError(_STATUS_TEXT[status], float(self.state.t))
+                status = int(status)
+                if status == _DONE:
+                    break
+                if status == _SWITCH:
+                    new = 1 - mode
+                    self.state = self.state._replace(
+                        mode=jnp.asarray(new, jnp.int64), since_probe=jnp.asarray(0, jnp.int64)
+                    )
+                    self.switches.append((float(self.state.t), MODE_NAMES[new]))
+                    continue
+                raise IntegrationError(_STATUS_TEXT[status], float(self.state.t))
+            out.append(ys[:k])
+            done += k
+        return out[0] if len(out) == 1 else jnp.concatenate(out)
 
     def snapshot(self) -> dict[str, np.ndarray]:
         snap = {f"ode_{k}": np.asarray(v) for k, v in self.state._asdict().items()}
@@ -439,16 +445,44 @@ class StiffIntegrator:
         ms = np.asarray(snap.get("ode_switch_mode", np.zeros(0, int)))
         self.switches = [(float(t), MODE_NAMES[int(m)]) for t, m in zip(ts, ms, strict=True)]
 
-    # ---------------------------------------------------------------- internals
 
-    def _loop(self, mode: int, state: OdeState, ys, written, t_first, budget, *, K: int):
-        """Write samples and take steps of one kind until all K samples are written,
-        the stiffness test asks for the other stepper, or a failure."""
+_STEPPERS: dict = {}  # (id(field), shape, dtype, config) -> _Steppers (holds the field)
+
+
+def _steppers_for(field, y0, t0: float, config: IntegratorConfig) -> _Steppers:
+    """The compiled steppers of one field, shared by every integrator of that field
+    (a flow restored into a fresh object does not compile again)."""
+    key = (id(field), y0.shape, str(y0.dtype), config)
+    hit = _STEPPERS.get(key)
+    if hit is not None and hit.field is field:
+        return hit
+    steppers = _Steppers(field, int(y0.shape[0]), config, _depends_on_time(field, t0, y0))
+    if len(_STEPPERS) >= 16:
+        _STEPPERS.pop(next(iter(_STEPPERS)))
+    _STEPPERS[key] = steppers
+    return steppers
+
+
+class _Steppers:
+    """The jitted step loops for one field and configuration (no state of their own)."""
+
+    def __init__(self, field, n: int, config: IntegratorConfig, time_dependent: bool):
+        self.field, self.n, self.config, self.time_dependent = field, n, config, time_dependent
+        self.compiled: dict = {}  # mode -> ahead-of-time compiled loop
+        self.loops = {
+            EXPLICIT: jax.jit(partial(self._loop, EXPLICIT)),
+            IMPLICIT: jax.jit(partial(self._loop, IMPLICIT)),
+        }
+
+    def _loop(self, mode: int, state: OdeState, ys, written, count, t_first, budget):
+        """Write samples ``t_first + i`` into ``ys[i]`` and take steps of one kind until
+        ``count`` samples are written, the stiffness test asks for the other stepper,
+        or a failure. ``ys`` has a fixed size, so nothing depends on the chunk size."""
         step = self._explicit_step if mode == EXPLICIT else self._implicit_step
 
         def cond(c):
             _, _, written, status, _ = c
-            return (written < K) & (status == _DONE)
+            return (written < count) & (status == _DONE)
 
         def body(c):
             state, ys, written, status, budget = c

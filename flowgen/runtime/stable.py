@@ -67,6 +67,51 @@ def _field(opt: Optimizer, problem: Problem):
     return field
 
 
+class _FlowFunctions:
+    """The flat field and the observation of one (optimizer, problem, state layout)."""
+
+    def __init__(self, opt: Optimizer, problem: Problem, template):
+        _, unravel = ravel_pytree(template)
+        field = _field(opt, problem)
+        vg = jax.value_and_grad(problem.loss)
+        self.opt, self.problem = opt, problem  # kept alive: the cache is keyed by id
+
+        def flat_field(tau, y):  # (n_y,) -> (n_y,)
+            return ravel_pytree(field(tau, unravel(y)))[0]
+
+        @jax.jit
+        def observe(ys):  # (K, n_y) -> ws (K, n), states, losses (K,), grad norms (K,)
+            ws, ss = jax.vmap(unravel)(ys)
+            Ls, gs = jax.vmap(vg)(ws)
+            return ws, ss, Ls, jnp.linalg.norm(gs, axis=1)
+
+        self.field, self.observe = flat_field, observe
+        self.observe_compiled: dict = {}  # K -> ahead-of-time compiled observe
+
+
+_FLOW_FUNCTIONS: dict = {}
+
+
+def _flow_functions(opt: Optimizer, problem: Problem, template) -> _FlowFunctions:
+    """One :class:`_FlowFunctions` per (optimizer, problem, layout of (w, state)), so that
+    flows of the same problem (e.g. one restored from a snapshot) share compiled code."""
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    key = (
+        id(opt),
+        id(problem),
+        treedef,
+        tuple((jnp.shape(x), str(jnp.result_type(x))) for x in leaves),
+    )
+    hit = _FLOW_FUNCTIONS.get(key)
+    if hit is not None and hit.opt is opt and hit.problem is problem:
+        return hit
+    fns = _FlowFunctions(opt, problem, template)
+    if len(_FLOW_FUNCTIONS) >= 16:
+        _FLOW_FUNCTIONS.pop(next(iter(_FLOW_FUNCTIONS)))
+    _FLOW_FUNCTIONS[key] = fns
+    return fns
+
+
 class StableFlow:
     """The stable flow, advanced ``K`` units of time at a time (see the module doc).
 
@@ -103,13 +148,12 @@ class StableFlow:
         self.state = opt.init(self.w) if state0 is None else state0
         self.t = int(t0)
         self.max_steps = int(max_steps)
-        y0, self._unravel = ravel_pytree((self.w, self.state))
-        field = _field(opt, problem)
-        unravel = self._unravel
-
-        def flat_field(tau, y):
-            return ravel_pytree(field(tau, unravel(y)))[0]
-
+        y0, _ = ravel_pytree((self.w, self.state))  # (n_y,) = (w, states) flattened
+        if solver not in ("auto", "explicit", "implicit"):
+            raise SimulationError(
+                f"stable flow: unknown solver {solver!r}",
+                hint="choose auto, explicit or implicit",
+            )
         self.config = IntegratorConfig(
             rtol=rtol,
             atol=atol,
@@ -117,30 +161,17 @@ class StableFlow:
             implicit_atol=IMPLICIT_TOL_FACTOR * atol if implicit_atol is None else implicit_atol,
             solver=solver,
         )
-        if solver not in ("auto", "explicit", "implicit"):
-            raise SimulationError(
-                f"stable flow: unknown solver {solver!r}",
-                hint="choose auto, explicit or implicit",
-            )
-        self.integrator = StiffIntegrator(flat_field, y0, float(self.t), self.config)
-        vg = jax.value_and_grad(problem.loss)
-
-        @jax.jit
-        def observe(ys):  # (K, n_y) -> ws (K, n), states, losses (K,), grad norms (K,)
-            ws, ss = jax.vmap(unravel)(ys)
-            Ls, gs = jax.vmap(vg)(ws)
-            return ws, ss, Ls, jnp.linalg.norm(gs, axis=1)
-
-        self._observe = observe
-        self._observe_compiled: dict = {}  # K -> ahead-of-time compiled observe
+        self._fns = _flow_functions(opt, problem, (self.w, self.state))
+        self.integrator = StiffIntegrator(self._fns.field, y0, float(self.t), self.config)
 
     @in_float64
     def compile(self, K: int) -> None:
         """Compile everything :meth:`advance` needs for chunks of ``K`` ahead of time."""
-        self.integrator.compile(K)
-        if K not in self._observe_compiled:
+        self.integrator.compile()
+        fns = self._fns
+        if K not in fns.observe_compiled:
             ys = jnp.zeros((K, self.integrator.n))  # (K, n_y)
-            self._observe_compiled[K] = self._observe.lower(ys).compile()
+            fns.observe_compiled[K] = fns.observe.lower(ys).compile()
 
     @property
     def solver_name(self) -> str:
@@ -177,7 +208,7 @@ class StableFlow:
                 hint="the flow is diverging or too stiff; try fewer steps or a smaller "
                 "learning rate",
             ) from None
-        ws, ss, Ls, gn = self._observe_compiled.get(K, self._observe)(ys)
+        ws, ss, Ls, gn = self._fns.observe_compiled.get(K, self._fns.observe)(ys)
         _check_finite("stable flow", {"loss": Ls, "parameters": ws}, self.t)
         self.w, self.state = ws[-1], jax.tree_util.tree_map(lambda a: a[-1], ss)
         self.t += K
