@@ -72,9 +72,10 @@ def test_stiff_flow_sharpens_far_past_the_edge_and_switches_solver(rnn, flow):
 
 def test_stiff_flow_matches_a_fine_reference(rnn, flow):
     """From τ = 250 (lr·λ_max ≈ 320) for 10 units against Tsit5 at rtol 1e-10 (about
-    a hundred steps per unit, stability-limited). Tolerance: 1e-3 of the distance
-    travelled in the window itself (the validation compares flows at the 1e-2 scale
-    of the distance travelled since their start, which here is 40 times longer)."""
+    a hundred steps per unit, stability-limited). Tolerance: 5e-4 of the distance
+    travelled in the window itself, 1e-5 of the distance travelled since τ = 0 (the
+    validation compares flows at the 1e-2 scale of the latter). Measured: 4.5e-5 and
+    1.5e-6."""
     opt, prob = rnn
     _, ws, _ = flow
     w250, window = jnp.asarray(ws[249]), ws[250:260]  # samples at τ = 251..260
@@ -83,8 +84,8 @@ def test_stiff_flow_matches_a_fine_reference(rnn, flow):
     travelled_window = np.linalg.norm(wr[-1] - ws[249])
     travelled_total = np.linalg.norm(wr[-1] - np.asarray(prob.w0))
     err = np.linalg.norm(window - wr, axis=1).max()
-    assert err < 1e-3 * travelled_window
-    assert err < 2e-5 * travelled_total
+    assert err < 5e-4 * travelled_window
+    assert err < 1e-5 * travelled_total
     # and the reference needed far more gradients for it
     assert ref.n_steps * 6 / 10 > 300
 
