@@ -13,8 +13,9 @@ import pytest
 from conftest import ROOT
 
 import flowgen
+from flowgen.errors import SimulationError
 from flowgen.runtime.integrators import RA34PW2, _extend, gmres
-from flowgen.runtime.problems import get_problem
+from flowgen.runtime.problems import Problem, get_problem
 from flowgen.runtime.processes import DiscreteProcess
 from flowgen.runtime.stable import DiffraxStableFlow, StableFlow
 
@@ -209,3 +210,16 @@ def test_stiff_flow_whole_horizon_matches_a_fine_reference(rnn, flow):
     wr = np.concatenate([np.asarray(ref.advance(CHUNK).w) for _ in range(300 // CHUNK)])
     travelled = np.linalg.norm(wr - np.asarray(prob.w0), axis=1)
     assert (np.linalg.norm(ws - wr, axis=1) / travelled).max() < 1e-4
+
+
+def test_a_diverging_flow_stops_with_a_message():
+    """Gradient flow of L = −Σ w⁴ from w = 1: w' = 0.4 w³ blows up at τ = 1.25."""
+    prob = Problem(name="blow-up", loss=lambda w: -jnp.sum(w**4), w0=jnp.ones(3))
+    opt = flowgen.load(ROOT / "optimizers" / "gd.opt").optimizer(lr=0.1)
+    sf = StableFlow(opt, prob, prob.w0, max_steps=20_000)
+    with pytest.raises(SimulationError) as ei:
+        sf.advance(5)
+    msg = ei.value.message
+    assert msg.startswith("stable flow: ") and "between t=0 and t=5" in msg
+    assert any(k in msg for k in ("NaN or infinite", "step size collapsed", "max_steps"))
+    assert 1.0 < float(sf.integrator.state.t) < 1.26

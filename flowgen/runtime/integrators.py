@@ -532,7 +532,7 @@ class _Steppers:
         inv_err = jnp.where(
             accept, jnp.where(jnp.isfinite(inv) & (inv > 0), inv, 1.0), state.inv_err
         )
-        return accept, h * factor, inv_err
+        return accept, h * factor, inv_err, finite
 
     def _probe(self, state: OdeState, jvp, h_acc, mode, accept):
         """One power-iteration product every ``probe_every`` accepted steps; returns
@@ -554,8 +554,11 @@ class _Steppers:
             switch = due & (h_acc * rho < cfg.nonstiff_ratio)
         return probe, rho, jnp.where(due, 0, state.since_probe + 1), due.astype(jnp.int64), switch
 
-    def _finish(self, state, accept, h, h_next, inv_err, y_new, f_new, probe_out, extra, mode):
-        """Shared bookkeeping after a step attempt."""
+    def _finish(
+        self, state, accept, finite, h, h_next, inv_err, y_new, f_new, probe_out, extra, mode
+    ):
+        """Shared bookkeeping after a step attempt. Fails when the step size collapses,
+        saying NaN/inf when the last attempt produced non-finite values."""
         probe, rho, since, n_probe, switch = probe_out
         steps_i = COUNTERS.index("steps_explicit" if mode == EXPLICIT else "steps_implicit")
         counters = (
@@ -588,7 +591,7 @@ class _Steppers:
         bad = ~accept & (h_next < 1e-10 * jnp.maximum(1.0, jnp.abs(state.t)))
         status = jnp.where(
             bad,
-            jnp.where(jnp.all(jnp.isfinite(state.y)), _FAIL_DT, _FAIL_NAN),
+            jnp.where(finite, _FAIL_DT, _FAIL_NAN),
             jnp.where(accept & switch, _SWITCH, _DONE),
         )
         return out, status
@@ -612,12 +615,13 @@ class _Steppers:
         y_new = y + h * sum(float(b) * k for b, k in zip(tab.b_sol, ks, strict=True) if b != 0)
         err = h * sum(float(b) * k for b, k in zip(tab.b_error, ks, strict=True) if b != 0)
         f_new = ks[-1]  # FSAL: the last stage is f(t + h, y_new)
-        accept, h_next, inv_err = self._control(state, h, y_new, err, True, 5, rtol, atol)
-        jvp = self._jacobian(t + h, y_new)
+        accept, h_next, inv_err, finite = self._control(state, h, y_new, err, True, 5, rtol, atol)
+        # traced inside the probe's cond branch: no linearisation on the other steps
+        jvp = lambda v: jax.jvp(lambda x: f(t + h, x), (y_new,), (v,))[1]  # noqa: E731
         probe_out = self._probe(state, jvp, h, EXPLICIT, accept)
         extra = {"f_evals": len(tab.a_lower)}
         return self._finish(
-            state, accept, h, h_next, inv_err, y_new, f_new, probe_out, extra, EXPLICIT
+            state, accept, finite, h, h_next, inv_err, y_new, f_new, probe_out, extra, EXPLICIT
         )
 
     def _implicit_step(self, state: OdeState):
@@ -654,7 +658,7 @@ class _Steppers:
         U, _, _, _, n_mv, n_f, ok = jax.lax.fori_loop(0, s, stage, init)
         y_new = y + jnp.asarray(tab.m) @ U
         err = jnp.asarray(tab.m_err) @ U
-        accept, h_next, inv_err = self._control(
+        accept, h_next, inv_err, finite = self._control(
             state, h, y_new, err, ok, tab.error_order, rtol, atol
         )
         f_new = jax.lax.cond(accept, lambda: f(t + h, y_new), lambda: state.f)
@@ -665,7 +669,7 @@ class _Steppers:
             "linearisations": 1,
         }
         return self._finish(
-            state, accept, h, h_next, inv_err, y_new, f_new, probe_out, extra, IMPLICIT
+            state, accept, finite, h, h_next, inv_err, y_new, f_new, probe_out, extra, IMPLICIT
         )
 
 
