@@ -2,11 +2,11 @@
 
 * :class:`DiscreteProcess` — the exact discrete update, jit-compiled, advanced
   ``K`` steps at a time with ``lax.scan``;
-* :class:`StableFlow` — the flow with ``Σ = 0``: ``dw/dt`` and the state rates
-  at ``g = ∇L(w)``, integrated by diffrax (Tsit5, PID step-size control; an
-  implicit solver takes over when the flow becomes stiff), sampled at integer
-  times. Time ``τ`` runs in steps; the counter read by the rates is ``t = τ + 1``
-  (the step being taken).
+* :class:`StableFlow` (in :mod:`flowgen.runtime.stable`, re-exported here) — the
+  flow with ``Σ = 0``: ``dw/dt`` and the state rates at ``g = ∇L(w)``, Tsit5
+  while it is not stiff and a Rosenbrock–Krylov method once it is, sampled at
+  integer times. Time ``τ`` runs in steps; the counter read by the rates is
+  ``t = τ + 1`` (the step being taken).
 
 Both expose ``advance(K) -> Chunk`` with the iterates at the ``K`` new integer
 times, so that processes can be compared in lockstep.
@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +25,8 @@ from flowgen.errors import SimulationError
 from flowgen.precision import in_float64
 from flowgen.problems import Problem
 from flowgen.runtime.optimizer import Optimizer, tree_finite
+
+__all__ = ["Chunk", "DiscreteProcess", "SharpnessMeter", "StableFlow"]
 
 
 @dataclass
@@ -102,88 +103,6 @@ class DiscreteProcess:
         self.state = {k[6:]: jnp.asarray(v) for k, v in snap.items() if k.startswith("state/")}
 
 
-class StableFlow:
-    """The stable flow: the derived rates with ``Σ = 0`` (``Eg = ∇L``, ``Vg = 0``)."""
-
-    label = "stable"
-
-    def __init__(
-        self,
-        opt: Optimizer,
-        problem: Problem,
-        w0,
-        state0=None,
-        t0: int = 0,
-        *,
-        rtol: float = 1e-6,
-        atol: float = 1e-9,
-        max_steps: int = 200_000,
-    ):
-        self.opt, self.problem = opt, problem
-        self.w = jnp.asarray(w0)
-        self.state = opt.flow_state(opt.init(self.w) if state0 is None else state0)
-        self.t = t0
-        grad = jax.grad(problem.loss)
-        use_drift = opt.spec.has_central
-
-        def field(tau, y, args):
-            w, s = y
-            g = grad(w)
-            if use_drift:
-                dw, ds = opt.drift(w, s, *opt.moments(g), tau + 1.0)
-            else:
-                dw, ds = opt.rates(w, s, g, tau + 1.0)
-            return dw, ds
-
-        self.term = diffrax.ODETerm(field)
-        self.controller = diffrax.PIDController(rtol=rtol, atol=atol, pcoeff=0.3, icoeff=0.4)
-        self.max_steps = max_steps
-        self._solvers = {"explicit": diffrax.Tsit5(), "implicit": diffrax.Kvaerno5()}
-        self.solver_name = "explicit"
-        self.n_steps = 0
-
-        @partial(jax.jit, static_argnames=("K", "solver"))
-        def run(w, s, t0, K, solver):
-            ts = t0 + jnp.arange(1, K + 1, dtype=jnp.float64)
-            sol = diffrax.diffeqsolve(
-                self.term,
-                self._solvers[solver],
-                t0=t0,
-                t1=t0 + K,
-                dt0=0.05,
-                y0=(w, s),
-                saveat=diffrax.SaveAt(ts=ts),
-                stepsize_controller=self.controller,
-                max_steps=self.max_steps,
-                throw=False,
-            )
-            ws, ss = sol.ys
-            Ls = jax.vmap(problem.loss)(ws)
-            gn = jax.vmap(lambda x: jnp.linalg.norm(grad(x)))(ws)
-            return ws, ss, Ls, gn, sol.result, sol.stats["num_steps"]
-
-        self._run = run
-
-    @in_float64
-    def advance(self, K: int) -> Chunk:
-        for solver in ("explicit", "implicit") if self.solver_name == "explicit" else ("implicit",):
-            ws, ss, Ls, gn, result, nsteps = self._run(self.w, self.state, float(self.t), K, solver)
-            ok = result == diffrax.RESULTS.successful and bool(jnp.all(jnp.isfinite(Ls)))
-            if ok:
-                self.solver_name = solver
-                break
-        else:
-            raise SimulationError(
-                f"stable flow: the ODE solver failed between t={self.t} and t={self.t + K} "
-                f"({result})",
-                hint="the flow is stiff or diverging; try fewer steps or a smaller learning rate",
-            )
-        self.n_steps += int(nsteps)
-        _check_finite("stable flow", {"loss": Ls, "parameters": ws}, self.t)
-        self.w, self.state, self.t = ws[-1], jax.tree_util.tree_map(lambda a: a[-1], ss), self.t + K
-        return Chunk(ws, np.asarray(Ls), np.asarray(gn), ss)
-
-
 class SharpnessMeter:
     """Effective sharpness ``λ_max(P^{-1/2} H P^{-1/2})``, warm-started per process."""
 
@@ -213,3 +132,6 @@ class SharpnessMeter:
             self._prev = self._eigen.EigState(jnp.zeros(vecs.shape[1]), vecs)
         else:
             self._prev = None
+
+
+from flowgen.runtime.stable import StableFlow  # noqa: E402  (re-export; needs Chunk)
