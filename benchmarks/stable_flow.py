@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 
 import flowgen  # noqa: E402
 from flowgen.precision import float64  # noqa: E402
-from flowgen.runtime.problems import get_problem  # noqa: E402
+from flowgen.problems import get_problem  # noqa: E402
 from flowgen.runtime.processes import DiscreteProcess, SharpnessMeter  # noqa: E402
 from flowgen.runtime.stable import DiffraxStableFlow, StableFlow  # noqa: E402
 

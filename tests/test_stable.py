@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT
-from flowgen.runtime.problems import Problem, get_problem
+from flowgen.problems import Problem, get_problem
 
 import flowgen
 from flowgen.errors import SimulationError

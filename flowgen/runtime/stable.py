@@ -41,7 +41,7 @@ from flowgen.runtime.integrators import (
     StiffIntegrator,
 )
 from flowgen.runtime.optimizer import Optimizer
-from flowgen.runtime.problems import Problem
+from flowgen.problems import Problem
 
 __all__ = ["DiffraxStableFlow", "IMPLICIT_TOL_FACTOR", "StableFlow"]
 
