@@ -857,10 +857,16 @@ def explain(
     ccfg = CentralConfig(substeps=config.substeps)
     central = CentralFlow(opt, problem, w_start, s_start, start, ccfg)
     t = start
+    for cc in (central.observe(),):  # the record at the start
+        ser["loss_central"][start] = cc.loss[0]
+        ser["loss_pred"][start] = cc.loss_pred[0]
+        ser["sharpness_central"][start] = cc.sharpness[0]
+        ser["n_crit"][start] = cc.n_crit[0]
+        ser["hmean_central"][start] = harmonic_mean(cc.p[0])
     while t < N:
         K = min(config.chunk, N - t)
-        cc = central.advance(K)
-        idx = np.arange(t, t + K)
+        cc = central.advance(K)  # values at t+1 .. t+K
+        idx = np.arange(t + 1, t + K + 1)
         ser["loss_central"][idx] = cc.loss
         ser["loss_pred"][idx] = cc.loss_pred
         ser["sharpness_central"][idx] = cc.sharpness

@@ -225,32 +225,37 @@ def validate(
             "X_trace",
         )
     }
+
+    def record_central(cc):  # a CentralChunk: values at the integer times cc.steps
+        idx_c = cc.steps
+        ser["loss_central"][idx_c] = cc.series["loss"]
+        ser["loss_pred"][idx_c] = cc.series["loss_pred"]
+        ser["sharpness_central"][idx_c] = cc.series["sharpness"]
+        ser["n_crit"][idx_c] = cc.series["n_crit"]
+        ser["grad_norm_pred"][idx_c] = cc.series["grad_norm_pred"]
+        ser["X_trace"][idx_c] = cc.series["X_trace"]
+        ser["sigma_pred"][idx_c] = cc.series["sigma_pred"]
+        wc = np.asarray(cc.w)
+        ser["distance_central"][idx_c] = np.linalg.norm(W[idx_c] - wc, axis=1)
+        for j, step in enumerate(idx_c):
+            if cc.X[j].shape[0]:
+                delta = (W[step] - wc[j]) / np.sqrt(cc.p[j])
+                ser["sigma_meas"][step] = float(np.dot(cc.q1[j], delta) ** 2)
+
     t_c = t_s = 0.0
+    tic = time.perf_counter()
+    record_central(central.observe())  # the record at the start
+    t_c += time.perf_counter() - tic
     t = start
     while t < N:
         K = min(config.chunk, N - t)
         tic = time.perf_counter()
-        cc = central.advance(K)  # records at t .. t+K-1
+        cc = central.advance(K)  # values at t+1 .. t+K
         t_c += time.perf_counter() - tic
+        record_central(cc)
         tic = time.perf_counter()
         sc = stable.advance(K)  # values at t+1 .. t+K
         t_s += time.perf_counter() - tic
-        idx_c = np.arange(t, t + K)
-        ser["loss_central"][idx_c] = cc.loss
-        ser["loss_pred"][idx_c] = cc.loss_pred
-        ser["sharpness_central"][idx_c] = cc.sharpness
-        ser["n_crit"][idx_c] = cc.n_crit
-        ser["grad_norm_pred"][idx_c] = cc.grad_norm_pred
-        wc = np.asarray(cc.w)
-        ser["distance_central"][idx_c] = np.linalg.norm(W[idx_c] - wc, axis=1)
-        for j, step in enumerate(idx_c):
-            k = cc.X[j].shape[0]
-            ser["X_trace"][step] = float(np.trace(cc.X[j])) if k else 0.0
-            if k:
-                q = cc.Q_crit[j][:, 0]
-                delta = (W[step] - wc[j]) / np.sqrt(cc.p[j])
-                ser["sigma_pred"][step] = float(cc.X[j][0, 0])
-                ser["sigma_meas"][step] = float(np.dot(q, delta) ** 2)
         idx_s = np.arange(t + 1, t + K + 1)
         ser["loss_stable"][idx_s] = sc.loss
         ser["grad_norm_stable"][idx_s] = sc.grad_norm
@@ -264,8 +269,6 @@ def validate(
         t_s += time.perf_counter() - tic
         t += K
         prog("flows", t - start, N - start)
-    # the final central iterate at N
-    ser["distance_central"][N] = float(np.linalg.norm(W[N] - np.asarray(central.w)))
     ser["distance_central"][start] = ser["distance_stable"][start] = 0.0
     timings.update(
         central_s=t_c,
