@@ -11,8 +11,8 @@ from conftest import ROOT
 
 import flowgen
 from flowgen.runtime.central import SERIES, CentralConfig, CentralFlow
-from flowgen.runtime.processes import DiscreteProcess
 from flowgen.runtime.problems import QUADRATIC_EOS_LR, get_problem
+from flowgen.runtime.processes import DiscreteProcess
 from flowgen.runtime.sdcp import solve_sdcp
 
 OPT = ROOT / "optimizers"
@@ -157,7 +157,8 @@ def test_linearised_constraint_against_finite_differences(at_eos):
         dw, _ = opt.drift(cf.w, s1, Eg, Vg, t)
         w1 = cf.w + dt * dw
         p1 = jnp.broadcast_to(opt.effective_step(w1, s1, t + dt), w1.shape)
-        return float((c * (Q.T * (a.p / p1)) @ Q - jnp.diag(lam) - a.G[:, :, :] @ (w1 - cf.w))[0, 0])
+        F = c * (Q.T * (a.p / p1)) @ Q - jnp.diag(lam) - a.G @ (w1 - cf.w)
+        return float(F[0, 0])
 
     h = 1e-4 * max(abs(float(a.X[0, 0])), 1e-6)
     fd = (F(h) - F(-h)) / (2 * h)
