@@ -6,12 +6,14 @@
         --problem-opt keep_constant=true [--restart-at T|auto] [--pin 0]
 
 **The unit.** A *gradient-equivalent* (g.e.) is the time of one jitted gradient
-``∇L(w)`` of the same problem at the same point (a jitted call, median of
-many), measured in the same run. Every time below is divided by it, so the
-numbers compare across machines. The clock is the process's CPU time on a
-CPU device (robust when other jobs share the cores) and wall time otherwise
-(``--clock``); every quantity is measured in ``--rounds`` interleaved rounds
-and the smallest kept; the flow's units are rerun from one snapshot.
+``∇L(w)`` of the same problem at the same point (``--reps`` jitted calls
+back to back, per call), measured in the same run. Every time below is
+divided by it, so the numbers compare across machines. The clock is the
+process's CPU time on a CPU device (robust when other jobs share the cores)
+and wall time otherwise (``--clock``). Everything is measured in
+``--rounds`` interleaved rounds: the unit costs keep the median round, the
+flows and the discrete step the fastest (the flow's units are rerun from one
+snapshot each round).
 
 **What is measured** (after a warm-up that compiles everything):
 
@@ -90,15 +92,15 @@ except ImportError:  # pragma: no cover
 CLOCK = time.perf_counter  # set in main: process CPU time on a CPU (robust to other load)
 
 
-def median_time(fn, *args, reps: int = 100) -> float:
-    """Median time of ``fn(*args)`` (blocked), after one call."""
+def call_time(fn, *args, reps: int = 100) -> float:
+    """Time per call of ``fn(*args)``: ``reps`` calls dispatched back to back, then blocked
+    (less noisy than timing single calls of a fraction of a millisecond)."""
     jax.block_until_ready(fn(*args))
-    ts = []
+    tic = CLOCK()
     for _ in range(reps):
-        tic = CLOCK()
-        jax.block_until_ready(fn(*args))
-        ts.append(CLOCK() - tic)
-    return float(np.median(ts))
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (CLOCK() - tic) / reps
 
 
 def device_info() -> dict:
@@ -119,9 +121,9 @@ def unit_costs(loss, w, reps: int) -> dict:
     hv = jax.jit(lambda w, u: hvp(loss, w, u))
     contr = jax.jit(lambda w, U: derivatives.third_contractions(loss, w, U))
     return {
-        "gradient": median_time(grad, w, reps=reps),
-        "hvp": median_time(hv, w, u, reps=reps),
-        "contraction": median_time(contr, w, u[:, None], reps=reps),
+        "gradient": call_time(grad, w, reps=reps),
+        "hvp": call_time(hv, w, u, reps=reps),
+        "contraction": call_time(contr, w, u[:, None], reps=reps),
     }
 
 
@@ -160,7 +162,7 @@ def measure(args) -> dict:
         pf = CentralFlow(opt, prob, w, s, start, CentralConfig(**{**cfg.__dict__, "profile": True}))
         pf.advance(1)  # compiles the stages
         pu = max(1, min(args.units, args.profile_units))
-        best: dict = {}
+        rounds: dict = {}
         for _ in range(args.rounds):  # interleaved rounds; the minimum of each quantity
             costs = unit_costs(prob.loss, cf.w, args.reps)
             d2.w, d2.state, d2.t = w, s, start
@@ -171,7 +173,14 @@ def measure(args) -> dict:
             costs["central"], ch = timed_units(cf, snap, args.units)
             costs["profiled"], _ = timed_units(pf, snap, pu)
             for key, v in costs.items():
-                best[key] = min(best.get(key, np.inf), v)
+                rounds.setdefault(key, []).append(v)
+            if args.verbose:
+                print({key: round(1e3 * v, 4) for key, v in costs.items()}, file=sys.stderr)
+    # the unit costs: median over rounds; the flow, the profiled flow, the discrete step:
+    # the fastest round (a round can only be slowed down by other load)
+    best = {key: float(np.median(v)) for key, v in rounds.items()}
+    for key in ("central", "profiled", "discrete"):
+        best[key] = float(np.min(rounds[key]))
     tg = best["gradient"]
     c_hvp, c_contr = best["hvp"] / tg, best["contraction"] / tg
     ks = np.asarray(ch.series["n_crit"])
@@ -317,6 +326,7 @@ def main(argv=None) -> int:
         help="auto: process CPU time on a CPU device (robust to other load), else wall",
     )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--verbose", action="store_true", help="each round's times (ms) on stderr")
     ap.add_argument("--validate", type=int, metavar="STEPS", help="time a whole validate")
     ap.add_argument("--restart-at", default=None, help="validate: T or auto")
     ap.add_argument("--pin", type=int, default=None, metavar="CPU", help="validate: CLI on CPU")
