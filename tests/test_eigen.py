@@ -15,6 +15,7 @@ from flowgen.errors import SimulationError
 from flowgen.runtime.eigen import (
     EigState,
     hvp,
+    refresh,
     sym_eff_hessian_matvec,
     top_eigenpairs,
     top_eigenpairs_with_info,
@@ -180,3 +181,48 @@ def test_track_top_warns_at_k_max():
         state = track_top(op_of(M), N, None, threshold=2.0, k_max=3)
     assert state.vals.shape == (3,)
     assert any("k_max" in str(r.message) for r in rec)
+
+
+# --- refresh (the central flow's warm update) ----------------------------------
+
+
+def _block(M):
+    Mj = jnp.asarray(M)
+    return lambda Z: Mj @ Z  # (n, b) -> (n, b)
+
+
+def test_refresh_from_a_warm_start_matches_dense():
+    M = random_symmetric([10.0, 9.0, 7.0, 6.0, 5.0], seed=11)
+    ev, V = np.linalg.eigh(M)
+    V0 = jnp.asarray(V[:, ::-1][:, :4])  # exact top-4 of M
+    E = np.random.default_rng(12).normal(size=(N, N)) * 1e-3
+    M1 = M + E + E.T
+    r = jax.jit(lambda V0: refresh(_block(M1), V0, 3, tol=1e-8))(V0)
+    assert bool(r.converged) and float(r.residual) <= 1e-8
+    assert_matches_dense(EigState(r.vals[:3], r.vecs[:, :3]), M1, 3, rtol=1e-12, align=1e-12)
+    np.testing.assert_allclose(r.images, M1 @ np.asarray(r.vecs), rtol=1e-12, atol=1e-12)
+    assert int(r.matvecs) == 4 * (int(r.iterations) + 1)
+    # already converged: one block product and a Rayleigh–Ritz step, no iteration
+    again = refresh(_block(M1), r.vecs, 3, tol=1e-8)
+    assert int(again.iterations) == 0 and int(again.matvecs) == 4
+    np.testing.assert_allclose(again.vals[:3], r.vals[:3], rtol=1e-13)
+
+
+def test_refresh_loose_tolerance_below_level():
+    """Wanted columns below ``level`` converge to ``loose`` only; those above to ``tol``."""
+    M = random_symmetric([10.0, 9.5, 6.0, 5.9, 5.8], seed=13)
+    V0 = jnp.asarray(np.random.default_rng(14).normal(size=(N, 4)))
+    tight = refresh(_block(M), V0, 3, tol=1e-9)
+    mixed = refresh(_block(M), V0, 3, tol=1e-9, loose=1e-3, level=8.0)
+    assert bool(mixed.converged) and int(mixed.iterations) < int(tight.iterations)
+    ev = np.linalg.eigvalsh(M)[::-1]
+    np.testing.assert_allclose(mixed.vals[:2], ev[:2], rtol=1e-12)  # above the level: tight
+    R = np.asarray(mixed.images - mixed.vecs * mixed.vals)
+    assert np.linalg.norm(R[:, 2]) <= 1e-3 * float(mixed.vals[0])
+
+
+def test_refresh_dense_path_for_tiny_problems():
+    M = random_symmetric([3.0, 2.0], n=10, bulk=(-1.0, 1.0), seed=15)
+    r = refresh(_block(M), jnp.zeros((10, 3)), 2, tol=1e-8)  # n < 4m: eigh of A·I
+    assert int(r.matvecs) == 10 and int(r.iterations) == 0
+    assert_matches_dense(EigState(r.vals[:2], r.vecs[:, :2]), M, 2)

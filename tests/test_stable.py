@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT
-from flowgen.problems import Problem, get_problem
 
 import flowgen
 from flowgen.errors import SimulationError
+from flowgen.problems import Problem, get_problem
 from flowgen.runtime.integrators import RA34PW2, _extend, gmres
 from flowgen.runtime.processes import DiscreteProcess
 from flowgen.runtime.stable import DiffraxStableFlow, StableFlow

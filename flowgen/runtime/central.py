@@ -6,32 +6,63 @@ eigenvectors ``U`` of the effective Hessian ``P⁻¹H``. With
 ``S = P^{-1/2} H P^{-1/2} = Q Λ Qᵀ`` (top eigenpairs) and ``U = √p ⊙ Q``,
 ``Uᵀ P U = I`` and ``Uᵀ H U = Λ``.
 
-One Euler substep of size ``dt``:
+**The analysis of a point** ``(w̄, state, t)`` (what a substep needs, and
+what is recorded there):
 
-1. ``g₀ = ∇L(w̄)``, ``p`` (generated ``precond``), the top eigenpairs of ``S``
-   (warm-started), the critical set ``λ_i ≥ c(1 − margin)``;
-2. ``HU`` and ``G_ij = ∇(u_iᵀ H u_j)`` (third derivative contracted twice);
-3. the moments, affine in X: ``Eg = g₀ + ½ Σ X_ij G_ij``,
-   ``Vg = diag(HU X (HU)ᵀ)``;
-4. the generated ``drift``: states first (``S' = S + dt·ṡ``), then ``w`` reads
-   the new states (``w' = w + dt·ẇ``);
-5. the stability constraint at the end of the substep projected on ``U``,
-   ``F(X) = c·Qᵀ diag(p/p') Q − Λ − [G_ij·(w' − w)]`` — through every path by
-   which X reaches it (directly via ``Eg``, via the preconditioner's state and
-   via momentum) — linearised: ``A₀ = F(0)``, ``B = ∂F/∂X`` (forward-mode);
-6. the SDCP ``0 ⪯ X ⟂ A₀ + B[X] ⪰ 0`` (closed form for k = 1, cvxpy for k ≥ 2);
-7. the step with that X.
+1. ``L``, ``g₀ = ∇L(w̄)`` and the linearisation ``v ↦ H v`` (one
+   ``jax.linearize`` of the gradient: every Hessian-vector product after it
+   is a tangent pass only), ``p`` (generated ``precond``);
+2. the top eigenpairs of ``S``: the previous Ritz vectors (``k`` tracked plus
+   two guards) refreshed by one block product and a Rayleigh–Ritz step, and
+   LOBPCG iterations only while the residual exceeds ``eig_tol``
+   (:func:`~flowgen.runtime.eigen.refresh`); the critical set is
+   ``λ_i ≥ c(1 − margin)``;
+3. ``H U = (S Q) / √p`` from the refresh's images (no extra product) and
+   ``G_ij = ∇(u_iᵀ H u_j)`` (third derivative contracted twice, the
+   ``k(k+1)/2`` pairs in one ``vmap``);
+4. the stability constraint at the end of the next substep projected on
+   ``U``, ``F(X) = c·Qᵀ diag(p/p') Q − Λ − [G_ij·(w' − w)]`` — through every
+   path by which X reaches it (directly via ``Eg``, via the preconditioner's
+   state and via momentum) — linearised: ``A₀ = F(0)``, ``B = ∂F/∂X``
+   (forward mode on the generated drift);
+5. the SDCP ``0 ⪯ X ⟂ A₀ + B[X] ⪰ 0``: for k ≤ 1 in closed form inside the
+   same jitted call (``X = max(0, −a/b)``), for k ≥ 2 by cvxpy
+   (:func:`~flowgen.runtime.sdcp.solve_sdcp`);
+6. the moments, affine in X: ``Eg = g₀ + ½ Σ X_ij G_ij``,
+   ``Vg = diag(HU X (HU)ᵀ)``.
+
+**One Euler substep** of size ``dt`` moves with the analysis of its start:
+the generated ``drift`` for the states first (``s' = s + dt·ṡ``), then ``w``
+reads the new states (``w' = w + dt·ẇ``). One jitted call does the step and
+the analysis of the new point (steps 1–6 for k ≤ 1; 1–4 for k ≥ 2, then the
+SDCP in Python): that analysis is cached, it is both what the record at an
+integer time shows and what the next substep uses. A change of the critical
+count ``k`` (a static shape) or of the number of tracked eigenvalues redoes
+the analysis of that point with the new shapes (rare).
+
+**Time.** At integer time ``t`` the flow holds the averaged iterate after
+``t`` discrete steps (one unit of time = one step); the rates read the
+counter ``t + 1`` (the step being taken). ``advance(K)`` moves to ``t + K``
+and returns the values at ``t+1, …, t+K``. A unit is split into
+``substeps`` Euler substeps.
 
 Coordinates the covariance cannot reach (``HU`` and ``G`` zero there, e.g.
 weights of a constant input feature) have exactly zero derivative in X; their
 rows are zeroed before forming ``B``, which keeps ``∂√ν/∂ν = ∞`` times a zero
 rate from turning into NaN.
+
+No ``n × n`` array is formed (the eigensolver's dense path aside, for
+``n < 4m`` only); ``w̄``, the state, the eigenvectors and ``G`` stay JAX
+arrays on the device; only k×k data and scalars go to the host.
 """
 
 from __future__ import annotations
 
+import time
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,18 +75,85 @@ from flowgen.runtime import derivatives, eigen
 from flowgen.runtime.optimizer import Optimizer
 from flowgen.runtime.sdcp import solve_sdcp
 
+__all__ = ["CentralConfig", "CentralFlow", "CentralChunk", "SubstepRecord", "Analysis"]
+
+SERIES = (
+    "loss",
+    "loss_pred",
+    "grad_norm",
+    "grad_norm_pred",
+    "sharpness",
+    "n_crit",
+    "X_trace",
+    "sigma_pred",
+)
+# flags of an analysis (a bitmask computed in the jitted call; handled in Python)
+GROW = 1  # every tracked eigenvalue is above the tracking cut: track more
+RESHAPE = 2  # the critical count k does not fit the static shapes (kp)
+SDCP = 4  # k ≥ 2: the SDCP is solved in Python (cvxpy)
+SHRINK = 8  # more than two tracked eigenvalues below the cut: track fewer
+ERROR = 16  # non-finite w or eigenvalues, eigensolver not converged, or a bad constraint
+# status codes of the constraint
+_OK, _NO_RESTORING, _NOT_FINITE = 0, 1, 2
+B_REC = 8  # unit records per jitted call (static buffer size)
+
 
 @dataclass(frozen=True)
 class CentralConfig:
-    substeps: int = 4  # Euler substeps per unit time (one step)
+    substeps: int = 2  # Euler substeps per unit time (one step)
     margin: float = 0.02  # critical set: eigenvalues >= c (1 - margin)
     track_frac: float = 0.9  # track every eigenvalue above this fraction of c
     k_max: int = 12  # at most this many tracked eigenvalues
-    eig_tol: float = 1e-5  # eigensolver residual tolerance, relative to lambda_max
+    eig_tol: float = 3e-4  # residual tolerance of the critical eigenpairs, relative to lambda_max
     freeze_w: bool = False  # relax the states and Sigma with w-bar frozen (stationary analysis)
     moment_form: str = (
         "consistent"  # "talk": state rates read Eg = grad L (drops grad L * grad<H,S>)
     )
+    eig_max_iter: int = 1000  # LOBPCG iterations at most per refresh
+    extrapolate: bool = True  # warm start: previous Ritz vectors + their last change
+    track_tol: float = 1e-2  # residual tolerance of the tracked eigenvalues below the level
+    guard: int = 0  # eigen block columns beyond the tracked ones (warm, need not converge)
+    track_below: int = 1  # tracked eigenvalues kept below track_frac * c
+    profile: bool = False  # run the stages as separate jitted calls and time each (benchmarks)
+
+
+class Analysis(NamedTuple):
+    """Everything the central flow knows at one point (JAX arrays).
+
+    ``kp`` is the static size of the k-dependent arrays: the critical count k
+    when k ≥ 2, and 1 for k ∈ {0, 1} (zeros when k = 0)."""
+
+    L: jax.Array  # () loss L(w̄)
+    g0: jax.Array  # (n,) ∇L(w̄)
+    p: jax.Array  # (n,) effective step P⁻¹
+    vals: jax.Array  # (m,) Ritz values of S = P^-1/2 H P^-1/2, descending (tracked + guards)
+    vecs: jax.Array  # (n, m) Ritz vectors
+    dvecs: jax.Array  # (n, m) their change over the last substep (signs aligned)
+    iterations: jax.Array  # () LOBPCG iterations of this refresh
+    matvecs: jax.Array  # () Hessian-vector products of this refresh
+    residual: jax.Array  # () relative eigen residual
+    converged: jax.Array  # () bool
+    G: jax.Array  # (kp, kp, n) ∇(u_iᵀ H u_j)
+    HU: jax.Array  # (n, kp) H U
+    A0: jax.Array  # (kp, kp) linearised constraint at X = 0
+    B: jax.Array  # (kp², kp²) its derivative in vec(X)
+    X: jax.Array  # (kp, kp) the SDCP solution (zeros until solved in Python for k ≥ 2)
+    Eg: jax.Array  # (n,) E[g] with this X
+    Vg: jax.Array  # (n,) Var[g] with this X
+    status: jax.Array  # () 0 ok, 1 no restoring curvature (k = 1), 2 non-finite constraint
+    n_crit: jax.Array  # () the critical count k
+    rec: jax.Array  # (len(SERIES),) the recorded scalars at this point
+    q1: jax.Array  # (n,) top critical eigenvector (zeros when k = 0)
+    flags: jax.Array  # () bitmask: GROW | RESHAPE | SDCP | SHRINK | ERROR
+
+    @property
+    def k(self) -> int:
+        """The critical count (host)."""
+        return int(self.n_crit)
+
+    @property
+    def kp(self) -> int:
+        return int(self.X.shape[0])
 
 
 @dataclass
@@ -67,22 +165,328 @@ class SubstepRecord:
 
 @dataclass
 class CentralChunk:
-    w: jax.Array  # (K, n) w̄ at the integer times t0 .. t0+K-1
-    states: dict  # name -> (K, ...)
-    loss: np.ndarray  # L(w̄)
-    loss_pred: np.ndarray  # L(w̄) + ½⟨H, Σ⟩
-    grad_norm_pred: np.ndarray  # sqrt(‖Eg‖² + tr(HΣH))
-    grad_norm: np.ndarray  # ‖∇L(w̄)‖
-    sharpness: np.ndarray  # λ_max(P⁻¹H)
-    n_crit: np.ndarray
-    X_eigs: list = field(default_factory=list)  # eigenvalues of X per step
-    Q_crit: list = field(default_factory=list)  # (n, k) critical eigvecs at integer times
-    p: list = field(default_factory=list)  # (n,) effective step at integer times
-    X: list = field(default_factory=list)
+    """Values at the integer times ``t+1 .. t+K`` (``steps``)."""
+
+    steps: np.ndarray  # (K,) the integer times
+    w: jax.Array  # (K, n) w̄ at those times
+    states: dict  # name -> (K, ...) optimizer state at those times
+    series: dict[str, np.ndarray]  # (K,) each: the names in SERIES
+    q1: np.ndarray  # (K, n) top critical eigenvector of P^-1/2 H P^-1/2 (zeros if k = 0)
+    p: np.ndarray  # (K, n) effective step
+    X: list = field(default_factory=list)  # K matrices (k_j, k_j)
+
+    # read-only aliases of the series (older callers)
+    @property
+    def loss(self) -> np.ndarray:
+        return self.series["loss"]
+
+    @property
+    def loss_pred(self) -> np.ndarray:
+        return self.series["loss_pred"]
+
+    @property
+    def grad_norm(self) -> np.ndarray:
+        return self.series["grad_norm"]
+
+    @property
+    def grad_norm_pred(self) -> np.ndarray:
+        return self.series["grad_norm_pred"]
+
+    @property
+    def sharpness(self) -> np.ndarray:
+        return self.series["sharpness"]
+
+    @property
+    def n_crit(self) -> np.ndarray:
+        return self.series["n_crit"]
+
+
+# --------------------------------------------------------------------------- #
+# The jitted kernels of one (optimizer, loss, configuration)
+# --------------------------------------------------------------------------- #
+
+
+def _strong(tree):
+    """No weak types (a Python scalar's): an analysis restored from numpy must hit the
+    same compiled loop as one computed by it."""
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(jnp.asarray(x).dtype), tree)
+
+
+class _Kernels:
+    """Pure functions and their jitted forms, shared by every CentralFlow on the same
+    optimizer, loss and configuration (``explain`` and ``relax`` create several)."""
+
+    def __init__(self, opt: Optimizer, loss, cfg: CentralConfig, n: int):
+        c = float(opt.threshold)
+        talk = cfg.moment_form == "talk"
+        freeze_w = cfg.freeze_w
+        level = c * (1.0 - cfg.margin)  # critical: λ ≥ level
+        cut = c * cfg.track_frac  # tracked: every λ > cut, plus at most two below
+        k_max = min(int(cfg.k_max), n)
+        vg = jax.value_and_grad(loss)
+
+        def moments(g0, G, HU, X):  # (n,), (k,k,n), (n,k), (k,k) -> (n,), (n,)
+            Eg, Vg = opt.moments(g0, G, HU, X)  # the generated module's MOMENTS table
+            return Eg, Vg
+
+        def drift_step(w, s, t, dt, Eg, Vg, g0):
+            _, ds = opt.drift(w, s, g0 if talk else Eg, Vg, t)
+            s_new = jax.tree_util.tree_map(lambda a, b: a + dt * b, s, ds)
+            if freeze_w:
+                return w, s_new
+            dw, _ = opt.drift(w, s_new, Eg, Vg, t)
+            return w + dt * dw, s_new
+
+        def precond(w, s, t):
+            return jnp.broadcast_to(opt.effective_step(w, s, t), w.shape)
+
+        def coord_maps(X, w, s, t, dt, g0, G, HU, p):
+            Eg, Vg = moments(g0, G, HU, X)
+            w_new, s_new = drift_step(w, s, t, dt, Eg, Vg, g0)
+            p_new = precond(w_new, s_new, t if freeze_w else t + dt)
+            return w_new - w, p / p_new
+
+        def eigen_stage(w, s, t, V, D, k_track):
+            """L, g₀, p and the refreshed Ritz pairs of S, warm-started from the previous
+            Ritz vectors ``V`` extrapolated by their last change ``D`` (columns that moved
+            little; a crossing makes a column jump and is not extrapolated).
+
+            The block product is one vmapped forward-over-reverse HVP per column
+            (measured faster on CPU than tangents of one ``jax.linearize``, whose
+            stored residuals fuse worse)."""
+            L, g0 = vg(w)
+            p = precond(w, s, t)
+            sp = jnp.sqrt(p)[:, None]  # (n, 1)
+
+            def block(Z):  # (n, b) -> (n, b): S Z
+                hv = jax.vmap(lambda z: eigen.hvp(loss, w, z), in_axes=1, out_axes=1)
+                return sp * hv(sp * Z)
+
+            V0 = V
+            if cfg.extrapolate:
+                smooth = jnp.linalg.norm(D, axis=0) < 0.2  # (m,)
+                V0 = V + jnp.where(smooth, D, 0.0)
+            r = eigen.refresh(
+                block,
+                V0,
+                k_track,
+                tol=cfg.eig_tol,
+                max_iter=cfg.eig_max_iter,
+                loose=max(cfg.eig_tol, cfg.track_tol),
+                level=level,
+            )
+            sgn = jnp.where(jnp.sum(V * r.vecs, axis=0) < 0, -1.0, 1.0)  # (m,) align signs
+            r = r._replace(vecs=r.vecs * sgn, images=r.images * sgn)
+            return L, g0, p, r, r.vecs - V
+
+        def third_stage(w, U, k=None):
+            """G (k, k, n); with ``k`` given (one padded column), zeros when k = 0."""
+            if k is None:
+                return derivatives.third_contractions(loss, w, U)
+            return jax.lax.cond(
+                k > 0,
+                lambda: derivatives.third_contractions(loss, w, U),
+                lambda: jnp.zeros((1, 1, w.shape[0]), w.dtype),
+            )
+
+        def constraint_stage(w, s, t, dt, g0, G, HU, p, Q, lam):
+            """A₀, B and, for one column, X in closed form; the moments with that X."""
+            k = Q.shape[1]
+            Z = jnp.zeros((k, k))
+            args = (w, s, t, dt, g0, G, HU, p)
+            dw0, r0 = coord_maps(Z, *args)
+            Jw, Jr = jax.jacfwd(lambda X: coord_maps(X, *args))(Z)  # (n, k, k) each
+            reach = (jnp.any(HU != 0, axis=1) | jnp.any(G != 0, axis=(0, 1)))[:, None, None]
+            Jw = jnp.where(reach, Jw, 0.0)
+            Jr = jnp.where(reach, Jr, 0.0)
+            A0 = c * (Q.T * r0) @ Q - jnp.diag(lam) - jnp.einsum("abn,n->ab", G, dw0)
+            B = c * jnp.einsum("na,nb,ncd->abcd", Q, Q, Jr) - jnp.einsum("abn,ncd->abcd", G, Jw)
+            A0, B = 0.5 * (A0 + A0.T), B.reshape(k * k, k * k)
+            finite = jnp.all(jnp.isfinite(A0)) & jnp.all(jnp.isfinite(B))
+            status = jnp.where(finite, _OK, _NOT_FINITE)
+            if k == 1:  # the SDCP in closed form (sdcp.solve_sdcp's k = 1 branch)
+                a, b = A0[0, 0], B[0, 0]
+                x = jnp.where(a >= 0.0, 0.0, -a / jnp.where(b > 0.0, b, 1.0))
+                status = jnp.where((a < 0.0) & ~(b > 0.0) & finite, _NO_RESTORING, status)
+                X = jnp.where(finite & (status == _OK), x, 0.0).reshape(1, 1)
+            else:
+                X = Z
+            return A0, B, X, status
+
+        def records(L, g0, vals, k, X, Eg, Vg):  # the SERIES at a point
+            kp = X.shape[0]
+            loss_pred = L + 0.5 * jnp.sum(vals[:kp] * jnp.diag(X))
+            return jnp.stack(
+                [
+                    L,
+                    loss_pred,
+                    jnp.linalg.norm(g0),
+                    jnp.sqrt(jnp.sum(Eg**2) + jnp.sum(Vg)),
+                    vals[0],
+                    k.astype(L.dtype),
+                    jnp.trace(X),
+                    jnp.where(k > 0, X[0, 0], jnp.nan),
+                ]
+            )
+
+        def analyse(w, s, t, dt, V, D, k_track, kp, call):
+            """The analysis of a point; ``call(name, fn, *args)`` runs one stage."""
+            L, g0, p, r, dvecs = call("eigensolver", eigen_stage, w, s, t, V, D, k_track)
+            m = r.vals.shape[0]
+            tracked = jnp.arange(m) < k_track
+            k = jnp.sum(tracked & (r.vals >= level))
+            sp = jnp.sqrt(p)[:, None]
+            Q, lam = r.vecs[:, :kp], r.vals[:kp]  # (n, kp), (kp,)
+            U = sp * Q
+            HU = r.images[:, :kp] / sp  # S Q = √p ⊙ H U
+            if kp == 1:
+                on = k > 0
+                HU = jnp.where(on, HU, 0.0)
+                G = call("third_derivatives", third_stage, w, U, k)  # (1, 1, n)
+            else:
+                G = call("third_derivatives", third_stage, w, U)  # (k, k, n)
+            A0, B, X, status = call("rates", constraint_stage, w, s, t, dt, g0, G, HU, p, Q, lam)
+            if kp == 1:
+                X = jnp.where(on, X, 0.0)
+                status = jnp.where(on, status, _OK)
+            Eg, Vg = moments(g0, G, HU, X)
+            # what Python must handle before this analysis can be used
+            last = jnp.max(jnp.where(tracked, jnp.arange(m), 0))
+            above = jnp.sum(tracked & (r.vals > cut))
+            bad = (status != _OK) | ~r.converged | ~jnp.all(jnp.isfinite(r.vals))
+            flags = (
+                jnp.where((r.vals[last] > cut) & (k_track < k_max), GROW, 0)
+                | jnp.where((k > 1) if kp == 1 else (k != kp), RESHAPE, 0)
+                | (SDCP if kp > 1 else 0)
+                | jnp.where(k_track - above > cfg.track_below, SHRINK, 0)
+                | jnp.where(bad, ERROR, 0)
+            )
+            i64 = lambda x: jnp.asarray(x).astype(jnp.int64)  # noqa: E731
+            return _strong(Analysis(
+                L, g0, p, r.vals, r.vecs, dvecs, i64(r.iterations), i64(r.matvecs), r.residual,
+                jnp.asarray(r.converged).astype(bool), G, HU, A0, B, X, Eg, Vg, i64(status),
+                i64(k), records(L, g0, r.vals, k, X, Eg, Vg),
+                jnp.where(k > 0, r.vecs[:, 0], 0.0), i64(flags),
+            ))  # fmt: skip
+
+        def inline(name, fn, *args):
+            return fn(*args)
+
+        def t_rate(unit, sub, S, t0):
+            """The counter the rates read at a point: the step being taken."""
+            if freeze_w:
+                return t0 + 1.0  # a frozen point: the counter stays
+            return unit + sub / S + 1.0
+
+        def loop(w, s, a, k_track, unit, sub, n_iter, first, S, t0):
+            """Up to ``n_iter`` iterations of: one Euler substep with the analysis ``a``
+            of the current point (not in the first iteration when ``first``), then the
+            analysis of the new point. Stops at an analysis with flags, or when
+            ``B_REC`` unit records are written. Returns the carry."""
+            dt = 1.0 / S
+            kp = a.X.shape[0]
+            bufs = (
+                jnp.zeros((B_REC,) + w.shape, w.dtype),  # w at the integer times
+                jax.tree_util.tree_map(lambda x: jnp.zeros((B_REC,) + x.shape, x.dtype), s),
+                jnp.zeros((B_REC, len(SERIES)), w.dtype),  # the series
+                jnp.zeros((B_REC,) + w.shape, w.dtype),  # q1
+                jnp.zeros((B_REC,) + w.shape, w.dtype),  # p
+                jnp.zeros((B_REC, kp, kp), w.dtype),  # X
+                jnp.zeros((B_REC,), jnp.int64),  # the integer time
+            )
+            counts = jnp.zeros(5, jnp.int64)  # analyses, HVPs, iterations, contractions, substeps
+
+            def cond(c):
+                i, _, _, a, _, _, n_rec, _, _, _ = c
+                return (i < n_iter) & (a.flags == 0) & (n_rec < B_REC)
+
+            def body(c):
+                i, w, s, a, unit, sub, n_rec, bufs, counts, _ = c
+                move = ~(first & (i == 0))
+                t = t_rate(unit, sub, S, t0)
+                wrap = sub + 1 == S
+                unit1 = jnp.where(move & wrap, unit + 1, unit)
+                sub1 = jnp.where(move, jnp.where(wrap, 0, sub + 1), sub)
+                w1, s1 = drift_step(w, s, t, dt, a.Eg, a.Vg, a.g0)
+                w1 = jnp.where(move, w1, w)
+                s1 = jax.tree_util.tree_map(lambda x, y: jnp.where(move, x, y), s1, s)
+                t1 = t_rate(unit1, sub1, S, t0)
+                a1 = analyse(w1, s1, t1, dt, a.vecs, a.dvecs, k_track, kp, inline)
+                a1 = a1._replace(flags=a1.flags | jnp.where(jnp.all(jnp.isfinite(w1)), 0, ERROR))
+                boundary = move & (sub1 == 0)
+                write = boundary & (a1.flags == 0)
+                put = lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, n_rec, 0)  # noqa: E731
+                bufs = (
+                    put(bufs[0], w1),
+                    jax.tree_util.tree_map(put, bufs[1], s1),
+                    put(bufs[2], a1.rec),
+                    put(bufs[3], a1.q1),
+                    put(bufs[4], a1.p),
+                    put(bufs[5], a1.X),
+                    put(bufs[6], unit1),
+                )
+                kk = a1.n_crit
+                counts = counts + jnp.stack(
+                    [1, a1.matvecs, a1.iterations, kk * (kk + 1) // 2, move.astype(jnp.int64)]
+                ).astype(jnp.int64)
+                pending = boundary & (a1.flags != 0)
+                return i + 1, w1, s1, a1, unit1, sub1, n_rec + write, bufs, counts, pending
+
+            carry = (jnp.asarray(0), w, s, a, unit, sub, jnp.asarray(0), bufs, counts, False)
+            return jax.lax.while_loop(cond, body, carry)
+
+        def complete(a, X):
+            """The analysis with the SDCP's X (k ≥ 2): moments and records."""
+            Eg, Vg = moments(a.g0, a.G, a.HU, X)
+            rec = records(a.L, a.g0, a.vals, a.n_crit, X, Eg, Vg)
+            return _strong(a._replace(X=X, Eg=Eg, Vg=Vg, rec=rec))
+
+        def step_only(w, s, t, dt, Eg, Vg, g0):
+            w1, s1 = drift_step(w, s, t, dt, Eg, Vg, g0)
+            return w1, s1, jnp.all(jnp.isfinite(w1))
+
+        self.level, self.cut, self.k_max = level, cut, k_max
+        self.analyse = analyse
+        self.t_rate = t_rate
+        self.loop = jax.jit(loop)
+        self.complete = jax.jit(complete)
+        self.step_only = jax.jit(step_only)
+        self.stages = {
+            "eigensolver": jax.jit(eigen_stage),
+            "third_derivatives": jax.jit(third_stage),
+            "rates": jax.jit(constraint_stage),
+        }
+
+
+_KERNELS: OrderedDict = OrderedDict()  # (id(opt), id(loss), cfg) -> (opt, loss, _Kernels)
+
+
+def _kernels(opt: Optimizer, loss, cfg: CentralConfig, n: int) -> _Kernels:
+    key = (id(opt), id(loss), cfg, n)
+    hit = _KERNELS.get(key)
+    if hit is not None and hit[0] is opt and hit[1] is loss:
+        _KERNELS.move_to_end(key)
+        return hit[2]
+    kern = _Kernels(opt, loss, cfg, n)
+    _KERNELS[key] = (opt, loss, kern)  # holding opt and loss keeps their ids unique
+    while len(_KERNELS) > 16:
+        _KERNELS.popitem(last=False)
+    return kern
+
+
+# --------------------------------------------------------------------------- #
+# The process
+# --------------------------------------------------------------------------- #
 
 
 class CentralFlow:
-    """The central flow of a derived optimizer on a problem."""
+    """The central flow of a derived optimizer on a problem.
+
+    ``advance(K)`` returns the values at the next ``K`` integer times;
+    ``observe()`` the value now; ``substep()`` one Euler substep (the stationary
+    analysis relaxes with it); ``snapshot()``/``restore()`` continue exactly.
+    ``timings`` (seconds) and ``counters`` (work done) accumulate.
+    """
 
     label = "central"
 
@@ -97,200 +501,421 @@ class CentralFlow:
     ):
         if not opt.spec.has_central:
             raise SimulationError(f"{opt.name} has no central flow: {opt.spec.central_reason}")
+        if tuple(opt.moment_names) != ("Eg", "Vg"):
+            raise SimulationError(
+                f"{opt.name}: the central flow reads the moments (Eg, Vg), but the derivation "
+                f"asks for {', '.join(opt.moment_names)}"
+            )
         if not opt.has_precond or opt.threshold is None:
             raise SimulationError(
                 f"{opt.name}: the update does not factor as -p*(linear form), so there is no "
                 "effective Hessian P^-1 H and no threshold for a central flow"
             )
-        self.opt, self.problem, self.cfg = opt, problem, config
-        self.c = float(opt.threshold)
-        self.w = jnp.asarray(w0)
-        self.state = opt.flow_state(opt.init(self.w) if state0 is None else state0)
-        self.t = float(t0)
-        self.t0 = float(t0)
-        self.n = int(self.w.shape[0])
-        self.eig = None
-        self.timings = {"eigensolver": 0.0, "third_derivatives": 0.0, "sdcp": 0.0, "rates": 0.0}
-        self._key = jax.random.PRNGKey(0)
-        loss = problem.loss
-        self._vg = jax.jit(jax.value_and_grad(loss))
-        dt = 1.0 / config.substeps
-        self.dt = dt
-
-        def moments(g0, G, HU, X):
-            Eg, Vg = opt.moments(g0, G, HU, X)  # the generated module's MOMENTS table
-            return Eg, Vg
-
-        freeze_w = config.freeze_w
-        talk = config.moment_form == "talk"
         if config.moment_form not in ("consistent", "talk"):
             raise ValueError(
                 f"moment_form must be 'consistent' or 'talk', got {config.moment_form!r}"
             )
+        if int(config.substeps) < 1:
+            raise ValueError(f"substeps must be a positive integer, got {config.substeps!r}")
+        self.opt, self.problem, self.cfg = opt, problem, config
+        self.c = float(opt.threshold)
+        self.w = jnp.asarray(w0)
+        self.state = opt.flow_state(opt.init(self.w) if state0 is None else state0)
+        self.n = int(self.w.shape[0])
+        self.t0 = float(t0)
+        self._unit, self._sub = int(t0), 0  # time = unit + sub / S
+        self.S = int(config.substeps)
+        self._kern = _kernels(opt, problem.loss, config, self.n)
+        self._key = jax.random.PRNGKey(0)
+        self._k_track = 1  # eigenvalues tracked (wanted converged); the block has + GUARD
+        self._V = None  # (n, k_track + GUARD) warm Ritz vectors before the first analysis
+        self._a: Analysis | None = None  # the analysis of the current point (cached)
+        self.timings = {
+            "eigensolver": 0.0,  # profiled runs only (CentralConfig.profile)
+            "third_derivatives": 0.0,  # profiled runs only
+            "sdcp": 0.0,  # cvxpy, k ≥ 2
+            "rates": 0.0,  # profiled runs only: constraint, closed-form SDCP, the step
+            "fused": 0.0,  # the jitted substep loops (all of the above but cvxpy)
+        }
+        self.counters = {
+            "units": 0,  # units of time advanced
+            "substeps": 0,  # Euler substeps
+            "analyses": 0,  # analyses of a point (one gradient each)
+            "redone": 0,  # analyses repeated with new shapes (k or the tracked set changed)
+            "hvps": 0,  # Hessian-vector products (eigen refresh)
+            "eig_iterations": 0,  # LOBPCG iterations beyond the warm Rayleigh–Ritz step
+            "contractions": 0,  # third-derivative contractions ∇(u_iᵀ H u_j)
+            "sdcp_solves": 0,  # cvxpy solves
+        }
 
-        def advance(w, s, t, Eg, Vg, g0):
-            _, ds = opt.drift(w, s, g0 if talk else Eg, Vg, t)
-            s_new = jax.tree_util.tree_map(lambda a, b: a + dt * b, s, ds)
-            if freeze_w:
-                return w, s_new
-            dw, _ = opt.drift(w, s_new, Eg, Vg, t)
-            return w + dt * dw, s_new
+    # ------------------------------------------------------------------ time
 
-        def coord_maps(X, w, s, t, g0, G, HU, p):
-            Eg, Vg = moments(g0, G, HU, X)
-            w_new, s_new = advance(w, s, t, Eg, Vg, g0)
-            p_new = opt.precond(w_new, s_new, t if freeze_w else t + dt)
-            return w_new - w, p / p_new
+    @property
+    def t(self) -> float:
+        """The current time (units; fractional between substeps)."""
+        return self._unit + self._sub / self.S
 
-        @jax.jit
-        def linearise(w, s, t, g0, G, HU, p, Q, lam):
-            k = Q.shape[1]
-            Z = jnp.zeros((k, k))
-            args = (w, s, t, g0, G, HU, p)
-            dw0, r0 = coord_maps(Z, *args)
-            Jw, Jr = jax.jacfwd(lambda X: coord_maps(X, *args))(Z)  # (n, k, k) each
-            reach = (jnp.any(HU != 0, axis=1) | jnp.any(G != 0, axis=(0, 1)))[:, None, None]
-            Jw = jnp.where(reach, Jw, 0.0)
-            Jr = jnp.where(reach, Jr, 0.0)
-            c = self.c
-            A0 = c * (Q.T * r0) @ Q - jnp.diag(lam) - jnp.einsum("abn,n->ab", G, dw0)
-            B = c * jnp.einsum("na,nb,ncd->abcd", Q, Q, Jr) - jnp.einsum("abn,ncd->abcd", G, Jw)
-            return 0.5 * (A0 + A0.T), B.reshape(k * k, k * k)
+    @property
+    def dt(self) -> float:
+        return 1.0 / self.S
 
-        @jax.jit
-        def step_with(w, s, t, g0, G, HU, X):
-            Eg, Vg = moments(g0, G, HU, X)
-            w_new, s_new = advance(w, s, t, Eg, Vg, g0)
-            return w_new, s_new, Eg, Vg
+    # ------------------------------------------------------- warm eigenvectors
 
-        self._moments = jax.jit(moments)
-        self._linearise = linearise
-        self._step_with = step_with
-        self._precond = jax.jit(lambda w, s, t: opt.effective_step(w, s, t))
-        self._third = partial(derivatives.third_contractions, loss)
-        self._hu = partial(derivatives.hess_times, loss)
+    @property
+    def eig(self) -> eigen.EigState | None:
+        """The warm Ritz pairs (tracked + guards); assign another flow's to share it."""
+        if self._a is not None:
+            return eigen.EigState(self._a.vals, self._a.vecs)
+        if self._V is None:
+            return None
+        return eigen.EigState(jnp.zeros(self._V.shape[1]), self._V)
 
-    # -------------------------------------------------------------- substeps
+    @eig.setter
+    @in_float64
+    def eig(self, st: eigen.EigState | None) -> None:
+        self._a = None
+        if st is None:
+            self._V = None
+            return
+        V = jnp.asarray(st.vecs)
+        self._k_track = min(max(1, V.shape[1] - self.cfg.guard), self._kern.k_max)
+        self._V = self._pad(V, self._k_track + self.cfg.guard)
 
-    def _eigs(self, w, p):
-        import time
-
-        tic = time.perf_counter()
-        mv = eigen.sym_eff_hessian_matvec(self.problem.loss, w, p)
+    def _pad(self, V, m):
+        """``V`` (n, j) with random columns up to ``m`` (the solver orthonormalises)."""
+        j = V.shape[1]
+        if j >= m:
+            return V[:, :m]
         self._key, sub = jax.random.split(self._key)
-        self.eig = eigen.track_top(
-            mv,
-            self.n,
-            self.eig,
-            threshold=self.c,
-            frac=self.cfg.track_frac,
-            k_max=self.cfg.k_max,
-            tol=self.cfg.eig_tol,
-            key=sub,
+        return jnp.concatenate([V, jax.random.normal(sub, (self.n, m - j), V.dtype)], axis=1)
+
+    def _blank(self, V, kp: int) -> Analysis:
+        """An analysis-shaped placeholder carrying the warm vectors ``V`` (n, m)."""
+        n, m = V.shape
+        z, dt = jnp.zeros(n), V.dtype
+        zero = jnp.zeros((), dt)
+        return Analysis(
+            zero, z, z, jnp.zeros(m, dt), V, jnp.zeros_like(V), jnp.zeros((), jnp.int64),
+            jnp.zeros((), jnp.int64),
+            zero, jnp.asarray(True), jnp.zeros((kp, kp, n), dt), jnp.zeros((n, kp), dt),
+            jnp.zeros((kp, kp), dt), jnp.zeros((kp * kp, kp * kp), dt), jnp.zeros((kp, kp), dt),
+            z, z, jnp.zeros((), jnp.int64), jnp.zeros((), jnp.int64),
+            jnp.zeros(len(SERIES), dt), z, jnp.zeros((), jnp.int64),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------- the loop
+
+    def _loop(self, a: Analysis, n_iter: int, first: bool, recs: list | None):
+        """Run the jitted loop from the current point; record completed units into
+        ``recs``; leave the (possibly flagged) analysis of the new point in ``self._a``."""
+        tic = time.perf_counter()
+        out = self._kern.loop(
+            self.w, self.state, a, self._k_track, self._unit, self._sub,
+            n_iter, first, self.S, self.t0,
+        )  # fmt: skip
+        i, w, s, a1, unit, sub, n_rec, bufs, counts, pending = out
+        i, unit, sub, n_rec, counts, pending = jax.device_get(
+            (i, unit, sub, n_rec, counts, pending)
         )
-        self.timings["eigensolver"] += time.perf_counter() - tic
-        return np.asarray(self.eig.vals), self.eig.vecs
+        self.timings["fused"] += time.perf_counter() - tic
+        self.w, self.state, self._a = w, s, a1
+        self._unit, self._sub = int(unit), int(sub)
+        for name, v in zip(
+            ("analyses", "hvps", "eig_iterations", "contractions", "substeps"), counts, strict=True
+        ):
+            self.counters[name] += int(v)
+        if recs is not None and n_rec:
+            recs.append(jax.tree_util.tree_map(lambda b: b[: int(n_rec)], bufs))
+        return bool(pending)
+
+    def _call_profiled(self, name, fn, *args):
+        tic = time.perf_counter()
+        out = jax.block_until_ready(self._kern.stages[name](*args))
+        self.timings[name] += time.perf_counter() - tic
+        return out
+
+    def _reanalyse(self, V, kp: int) -> None:
+        """The analysis of the current point again, with warm vectors ``V`` and shape ``kp``."""
+        self.counters["redone"] += 1
+        if self.cfg.profile:
+            self._a = self._profiled_analysis(
+                self.w, self.state, self._unit, self._sub, V, jnp.zeros_like(V), kp
+            )
+        else:
+            self._loop(self._blank(V, kp), 1, True, None)
+
+    def _profiled_analysis(self, w, s, unit, sub, V, D, kp) -> Analysis:
+        t = self._kern.t_rate(unit, sub, self.S, self.t0)
+        a = self._kern.analyse(w, s, t, self.dt, V, D, self._k_track, kp, self._call_profiled)
+        self.counters["analyses"] += 1
+        self.counters["hvps"] += int(a.matvecs)
+        self.counters["eig_iterations"] += int(a.iterations)
+        self.counters["contractions"] += a.k * (a.k + 1) // 2
+        return a
+
+    def _settle(self) -> None:
+        """Handle the flags of ``self._a``: grow the tracked set or fix the shapes (the
+        analysis of the same point again), raise errors, solve the SDCP (k ≥ 2), shrink the
+        tracked set for the next refresh. Leaves an analysis without flags."""
+        where = self.t
+        while True:
+            a = self._a
+            flags, vals, k, it, rel, conv, status = jax.device_get(
+                (a.flags, a.vals, a.n_crit, a.iterations, a.residual, a.converged, a.status)
+            )
+            flags, k, kt = int(flags), int(k), self._k_track
+            tracked = np.asarray(vals)[:kt]
+            if flags & ERROR:
+                self._raise(tracked, int(it), float(rel), bool(conv), int(status), k, where)
+            if flags & GROW:  # every tracked eigenvalue is above the cut: track more
+                self._k_track = min(self._kern.k_max, kt + max(2, kt // 2))
+                self._reanalyse(self._pad(a.vecs, self._k_track + self.cfg.guard), a.kp)
+                continue
+            if flags & RESHAPE:  # the critical count changed the static shapes
+                self._reanalyse(a.vecs, max(k, 1))
+                continue
+            break
+        if tracked[-1] > self._kern.cut and kt >= self._kern.k_max and kt < self.n:
+            warnings.warn(
+                f"central flow: all k_max={self._kern.k_max} tracked eigenvalues exceed "
+                f"{self.cfg.track_frac}·threshold={self._kern.cut:.4g}; eigenvalues above it "
+                "may be missed",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if flags & SDCP:
+            tic = time.perf_counter()
+            try:
+                res = solve_sdcp(np.asarray(a.A0), np.asarray(a.B))
+            except SimulationError as err:
+                raise SimulationError(
+                    f"central flow at t={where:.3f}: {err.message}", hint=err.hint
+                ) from None
+            self.timings["sdcp"] += time.perf_counter() - tic
+            self.counters["sdcp_solves"] += int(res.iterations > 0)
+            a = self._kern.complete(a, jnp.asarray(res.X, dtype=a.X.dtype))
+        if flags & SHRINK:  # keep two tracked eigenvalues below the cut
+            self._k_track = max(1, int(np.sum(tracked > self._kern.cut)) + self.cfg.track_below)
+            m = self._k_track + self.cfg.guard
+            a = a._replace(vals=a.vals[:m], vecs=a.vecs[:, :m], dvecs=a.dvecs[:, :m])
+        self._a = a._replace(flags=jnp.zeros((), jnp.int64))
+
+    def _raise(self, tracked, it, rel, conv, status, k, where):
+        if not np.all(np.isfinite(np.asarray(self.w))):
+            raise SimulationError(f"central flow: w is NaN or infinite at t={where:.3f}")
+        if not np.all(np.isfinite(tracked)):
+            raise SimulationError(
+                f"central flow at t={where:.3f}: NaN/inf in the eigenvalues of the effective "
+                "Hessian (the Hessian-vector product returned non-finite values)",
+                hint="check the loss and the parameters for overflow",
+            )
+        if not conv:
+            raise SimulationError(
+                f"central flow at t={where:.3f}: the eigensolver did not converge in "
+                f"{it} iterations (relative residual {rel:.3g}, k={self._k_track})",
+                hint="raise eig_max_iter or loosen eig_tol",
+            )
+        if status == _NOT_FINITE:
+            raise SimulationError(
+                "central flow: the linearised stability constraint is not finite at "
+                f"t={where:.3f} (k={k} critical directions)",
+                hint="a rate or the preconditioner is singular here (e.g. a division by a "
+                "vanishing state without eps)",
+            )
+        A0, B = np.asarray(self._a.A0), np.asarray(self._a.B)
+        raise SimulationError(
+            f"central flow at t={where:.3f}: no stable covariance: k=1 with "
+            f"a={A0[0, 0]:.6g} < 0 but b={B[0, 0]:.6g} <= 0 "
+            "(the constraint does not recover as X grows)"
+        )
+
+    def _analysis(self) -> Analysis:
+        """The (cached) analysis of the current point."""
+        if self._a is None:
+            if self._V is None:
+                self._V = self._pad(
+                    jnp.zeros((self.n, 0), self.w.dtype), self._k_track + self.cfg.guard
+                )
+            self.counters["redone"] -= 1  # the first analysis is not a repeat
+            self._reanalyse(self._V, 1)
+            self._settle()
+        return self._a
+
+    # ---------------------------------------------------------------- substeps
+
+    def _step(self, recs: list | None, max_units: int | None = None) -> None:
+        """Advance by the jitted loop (or one profiled substep) from a settled analysis:
+        up to ``max_units`` unit boundaries, or one substep when None."""
+        a = self._analysis()
+        if self.cfg.profile:
+            t = self._kern.t_rate(self._unit, self._sub, self.S, self.t0)
+            tic = time.perf_counter()
+            w1, s1, ok = jax.block_until_ready(
+                self._kern.step_only(self.w, self.state, t, self.dt, a.Eg, a.Vg, a.g0)
+            )
+            self.timings["rates"] += time.perf_counter() - tic
+            unit, sub = (self._unit, self._sub + 1)
+            if sub == self.S:
+                unit, sub = unit + 1, 0
+            self._a = self._profiled_analysis(w1, s1, unit, sub, a.vecs, a.dvecs, a.kp)
+            if not bool(ok):
+                self._a = self._a._replace(flags=self._a.flags | ERROR)
+            self.w, self.state, self._unit, self._sub = w1, s1, unit, sub
+            self.counters["substeps"] += 1
+            pending = sub == 0
+        else:
+            n_iter = 1 if max_units is None else max_units * self.S - self._sub
+            pending = self._loop(a, n_iter, False, recs)
+        self._settle()
+        if pending and recs is not None:  # a unit ended at an analysis that needed Python
+            recs.append(self._single_record())
+
+    def _single_record(self):
+        a = self._a
+        one = lambda x: jnp.asarray(x)[None]  # noqa: E731
+        return (
+            one(self.w),
+            jax.tree_util.tree_map(one, self.state),
+            one(a.rec),
+            one(a.q1),
+            one(a.p),
+            one(a.X),
+            jnp.asarray([self._unit], jnp.int64),
+        )
 
     @in_float64
     def substep(self) -> tuple[float, SubstepRecord, dict]:
-        import time
+        """One Euler substep with the analysis of the current point.
 
-        w, s, t = self.w, self.state, self.t + 1.0  # counter read by the rates: the step taken
-        if self.cfg.freeze_w:
-            t = self.t0 + 1.0  # a frozen point: the counter stays
-        L, g0 = self._vg(w)
-        p = self._precond(w, s, t)
-        vals, vecs = self._eigs(w, p)
-        crit = vals >= self.c * (1.0 - self.cfg.margin)
-        k = int(crit.sum())
-        info = {"loss": float(L), "g0": g0, "p": p, "sharpness": float(vals[0])}
-        if k == 0:
-            tic = time.perf_counter()
-            Z = jnp.zeros((1, 1))
-            G0 = jnp.zeros((1, 1, self.n))
-            HU0 = jnp.zeros((self.n, 1))
-            w_new, s_new, Eg, Vg = self._step_with(w, s, t, g0, G0, HU0, Z)
-            self.timings["rates"] += time.perf_counter() - tic
-            X = np.zeros((0, 0))
-            info.update(Eg=Eg, Vg=Vg, Q=vecs[:, :0], lam=vals[:0], X=X)
-        else:
-            Q = vecs[:, :k]
-            lam = jnp.asarray(vals[:k])
-            U = jnp.sqrt(p)[:, None] * Q
-            tic = time.perf_counter()
-            G = self._third(w, U)
-            HU = self._hu(w, U)
-            jax.block_until_ready(G)
-            self.timings["third_derivatives"] += time.perf_counter() - tic
-            tic = time.perf_counter()
-            A0, B = self._linearise(w, s, t, g0, G, HU, p, Q, lam)
-            A0, B = np.asarray(A0), np.asarray(B)
-            self.timings["rates"] += time.perf_counter() - tic
-            if not (np.all(np.isfinite(A0)) and np.all(np.isfinite(B))):
-                raise SimulationError(
-                    "central flow: the linearised stability constraint is not finite at "
-                    f"t={self.t:.3f}"
-                    f" (k={k} critical directions)",
-                    hint="a rate or the preconditioner is singular here (e.g. a division by a "
-                    "vanishing state without eps)",
-                )
-            tic = time.perf_counter()
-            try:
-                res = solve_sdcp(A0, B)
-            except SimulationError as err:
-                raise SimulationError(
-                    f"central flow at t={self.t:.3f}: {err.message}", hint=err.hint
-                ) from None
-            self.timings["sdcp"] += time.perf_counter() - tic
-            X = res.X
-            tic = time.perf_counter()
-            w_new, s_new, Eg, Vg = self._step_with(w, s, t, g0, G, HU, jnp.asarray(X))
-            self.timings["rates"] += time.perf_counter() - tic
-            info.update(Eg=Eg, Vg=Vg, Q=Q, lam=np.asarray(lam), X=X)
-        if not bool(jnp.all(jnp.isfinite(w_new))):
-            raise SimulationError(f"central flow: w is NaN or infinite at t={self.t + self.dt:.3f}")
-        self.w, self.state, self.t = w_new, s_new, self.t + self.dt
-        return float(L), SubstepRecord(info["X"], vals, k), info
+        Returns ``(L, record, info)`` of the point the substep started from
+        (``info``: ``loss, g0, p, sharpness, Eg, Vg, Q, lam, X``)."""
+        a = self._analysis()
+        k = a.k
+        vals = np.asarray(a.vals)
+        X = np.asarray(a.X)[:k, :k]
+        info = {
+            "loss": float(a.L),
+            "g0": a.g0,
+            "p": a.p,
+            "sharpness": float(vals[0]),
+            "Eg": a.Eg,
+            "Vg": a.Vg,
+            "Q": a.vecs[:, :k],
+            "lam": vals[:k],
+            "X": X,
+        }
+        rec = SubstepRecord(X, vals[: self._k_track], k)
+        self._step(None)
+        return info["loss"], rec, info
+
+    # ----------------------------------------------------------------- records
+
+    def _chunk(self, recs: list) -> CentralChunk:
+        """One chunk from record pieces ``(w, states, series, q1, p, X, steps)``; X has the
+        static size of its piece (kp), trimmed here to each record's k."""
+        cat = lambda *b: jnp.concatenate(b) if len(b) > 1 else b[0]  # noqa: E731
+        W = cat(*[r[0] for r in recs])
+        states = jax.tree_util.tree_map(cat, *[r[1] for r in recs])
+        series, q1, p, steps = (cat(*[r[j] for r in recs]) for j in (2, 3, 4, 6))
+        series, steps, Xs = jax.device_get((series, steps, [r[5] for r in recs]))
+        ks = series[:, SERIES.index("n_crit")].astype(int)
+        X = [np.asarray(x) for piece in Xs for x in piece]
+        return CentralChunk(
+            steps=np.asarray(steps, dtype=np.int64),
+            w=W,
+            states=states,
+            series={name: np.asarray(series[:, j]) for j, name in enumerate(SERIES)},
+            q1=np.asarray(q1),
+            p=np.asarray(p),
+            X=[x[:k, :k] for x, k in zip(X, ks, strict=True)],
+        )
+
+    @in_float64
+    def observe(self) -> CentralChunk:
+        """The record at the current (integer) time, as a chunk of length 1."""
+        if self._sub != 0:
+            raise SimulationError(
+                f"central flow: observe() between substeps (t={self.t:.3f}); records are at "
+                "integer times"
+            )
+        self._analysis()
+        return self._chunk([self._single_record()])
 
     @in_float64
     def advance(self, K: int) -> CentralChunk:
-        """Advance ``K`` units of time; records are at the integer times
-        ``t0, …, t0 + K − 1`` (taken at the first substep of each unit)."""
-        S = self.cfg.substeps
-        rec = {k: [] for k in ("loss", "loss_pred", "gnp", "gn", "sharp", "ncrit")}
-        ws, states, Xe, Qc, ps, Xs = [], [], [], [], [], []
-        for _ in range(K):
-            ws.append(self.w)
-            states.append(self.state)
-            for j in range(S):
-                L, r, info = self.substep()
-                if j:
-                    continue
-                X, lam = r.X, info["lam"]
-                k = X.shape[0]
-                rec["loss"].append(L)
-                rec["loss_pred"].append(L + 0.5 * float(np.sum(lam * np.diag(X))) if k else L)
-                Eg, Vg = info["Eg"], info["Vg"]
-                rec["gnp"].append(float(jnp.sqrt(jnp.sum(Eg**2) + jnp.sum(Vg))))
-                rec["gn"].append(float(jnp.linalg.norm(info["g0"])))
-                rec["sharp"].append(info["sharpness"])
-                rec["ncrit"].append(k)
-                Xe.append(np.linalg.eigvalsh(X) if k else np.zeros(0))
-                Qc.append(np.asarray(info["Q"]))
-                ps.append(np.asarray(info["p"]))
-                Xs.append(np.asarray(X))
-        stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
-        return CentralChunk(
-            w=jnp.stack(ws),
-            states=stacked,
-            loss=np.array(rec["loss"]),
-            loss_pred=np.array(rec["loss_pred"]),
-            grad_norm_pred=np.array(rec["gnp"]),
-            grad_norm=np.array(rec["gn"]),
-            sharpness=np.array(rec["sharp"]),
-            n_crit=np.array(rec["ncrit"]),
-            X_eigs=Xe,
-            Q_crit=Qc,
-            p=ps,
-            X=Xs,
-        )
+        """Advance ``K`` units of time from the integer time ``t``; the chunk holds the
+        values at ``t+1, …, t+K`` (each from the analysis the next substep reuses)."""
+        if self._sub != 0:
+            raise SimulationError(
+                f"central flow: advance() between substeps (t={self.t:.3f}); finish the unit "
+                "with substep() first"
+            )
+        target = self._unit + int(K)
+        recs: list = []
+        while self._unit < target:
+            self._step(recs, min(target - self._unit, B_REC))
+        self.counters["units"] += int(K)
+        return self._chunk(recs)
+
+    # --------------------------------------------------------------- snapshots
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Everything needed to continue exactly, as a flat dict of numpy arrays (``.npz``):
+        ``w``, ``state.*``, the time, the eigen warm start and tracked count, the PRNG key,
+        the cached analysis of the current point (``analysis.*``), timings and counters."""
+        out = {
+            "w": np.asarray(self.w),
+            "time": np.array([self._unit, self._sub, self.S], dtype=np.int64),
+            "t0": np.asarray(self.t0, dtype=np.float64),
+            "k_track": np.asarray(self._k_track, dtype=np.int64),
+            "key": np.asarray(self._key),
+        }
+        for name, v in self.state.items():
+            out[f"state.{name}"] = np.asarray(v)
+        if self._V is not None:
+            out["eig.vecs"] = np.asarray(self._V)
+        if self._a is not None:
+            for name, v in self._a._asdict().items():
+                out[f"analysis.{name}"] = np.asarray(v)
+        for name, v in self.timings.items():
+            out[f"timings.{name}"] = np.asarray(v, dtype=np.float64)
+        for name, v in self.counters.items():
+            out[f"counters.{name}"] = np.asarray(v, dtype=np.int64)
+        return out
+
+    @in_float64
+    def restore(self, snap: dict[str, np.ndarray]) -> None:
+        """Continue from :meth:`snapshot` (same optimizer, problem and configuration)."""
+        unit, sub, S = (int(x) for x in np.asarray(snap["time"]))
+        if S != self.S:
+            raise SimulationError(
+                f"central flow: the snapshot was taken with {S} substeps per unit, this flow "
+                f"has {self.S}"
+            )
+        if np.asarray(snap["w"]).shape != (self.n,):
+            raise SimulationError(
+                f"central flow: the snapshot has {np.asarray(snap['w']).shape[0]} parameters, "
+                f"this problem {self.n}"
+            )
+        self.w = jnp.asarray(snap["w"])
+        self.state = {
+            name[len("state.") :]: jnp.asarray(v)
+            for name, v in snap.items()
+            if name.startswith("state.")
+        }
+        self._unit, self._sub = unit, sub
+        self.t0 = float(snap["t0"])
+        self._k_track = int(snap["k_track"])
+        self._key = jnp.asarray(snap["key"])
+        self._V = jnp.asarray(snap["eig.vecs"]) if "eig.vecs" in snap else None
+        self._a = None
+        if "analysis.L" in snap:
+            self._a = Analysis(
+                **{name: jnp.asarray(snap[f"analysis.{name}"]) for name in Analysis._fields}
+            )
+        for name in self.timings:
+            if f"timings.{name}" in snap:
+                self.timings[name] = float(snap[f"timings.{name}"])
+        for name in self.counters:
+            if f"counters.{name}" in snap:
+                self.counters[name] = int(snap[f"counters.{name}"])

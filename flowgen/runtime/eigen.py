@@ -70,6 +70,9 @@ from flowgen.errors import SimulationError
 __all__ = [
     "EigState",
     "EigInfo",
+    "GUARD",
+    "Refresh",
+    "refresh",
     "top_eigenpairs",
     "top_eigenpairs_with_info",
     "track_top",
@@ -156,8 +159,20 @@ def _svqb(W: jax.Array) -> jax.Array:
     return (d[:, None] * V) * scale[None, :]
 
 
-def _lobpcg(op: Partial, X0: jax.Array, k: int, tol, max_iter):
+def _lobpcg(
+    block: Callable[[jax.Array], jax.Array],
+    X0: jax.Array,
+    k,
+    tol,
+    max_iter,
+    loose=None,
+    level=None,
+):
     """Block LOBPCG for the top ``m = X0.shape[1]`` Ritz pairs; converge the top ``k``.
+
+    ``block`` applies the operator to a block, ``(n, b) -> (n, b)``. ``k`` may be
+    traced (a mask selects the columns that must converge), so one compilation
+    serves every ``k ≤ m``.
 
     Invariants: ``X`` (n, m) orthonormal Ritz vectors; ``P`` (n, m) orthonormal
     (or zero) columns orthogonal to ``X``; ``AX``, ``AP`` their images. Only
@@ -168,10 +183,15 @@ def _lobpcg(op: Partial, X0: jax.Array, k: int, tol, max_iter):
     ``X``, the previous ``X`` — orthonormal and orthogonal to ``X`` by
     construction, so no cancellation-prone projection is needed.
 
-    Returns ``(theta (m,), X (n, m), iterations, residual, converged)``.
+    A warm start that is already converged costs one block product and one
+    Rayleigh–Ritz step on ``X0`` (no iteration). With ``loose`` and ``level``,
+    wanted columns whose Ritz value is below ``level`` need only
+    ``‖A v − θ v‖ ≤ loose · max|θ|``.
+
+    Returns ``(theta (m,), X (n, m), AX (n, m), iterations, residual, converged)``.
     """
     n, m = X0.shape
-    block = jax.vmap(op, in_axes=1, out_axes=1)  # (n, b) -> (n, b)
+    want = jnp.arange(m) < k  # (m,) columns that must converge
 
     X, _ = jnp.linalg.qr(X0)  # (n, m) orthonormal
     AX = block(X)
@@ -184,16 +204,18 @@ def _lobpcg(op: Partial, X0: jax.Array, k: int, tol, max_iter):
     AP = jnp.zeros_like(X)
 
     def rel_residual(X, AX, theta):
+        """Residuals R (n, m) and max_j (‖r_j‖ / max|θ|) / tol_j over the wanted columns."""
         R = AX - X * theta[None, :]  # (n, m)
-        rn = jnp.linalg.norm(R[:, :k], axis=0)  # (k,)
         scale = jnp.max(jnp.abs(theta))
-        return R, jnp.max(rn) / jnp.where(scale > 0, scale, 1.0)
+        rn = jnp.linalg.norm(R, axis=0) / jnp.where(scale > 0, scale, 1.0)  # (m,)
+        tol_j = tol if loose is None else jnp.where(theta >= level, tol, loose)  # (m,)
+        return R, jnp.max(jnp.where(want, rn / tol_j, 0.0))
 
     R, rel = rel_residual(X, AX, theta)
 
     def cond(state):
         i, rel = state[0], state[-1]
-        return jnp.logical_and(i < max_iter, rel > tol)
+        return jnp.logical_and(i < max_iter, rel > 1.0)
 
     def body(state):
         i, X, AX, P, AP, theta, R, _ = state
@@ -222,7 +244,9 @@ def _lobpcg(op: Partial, X0: jax.Array, k: int, tol, max_iter):
 
     state = (jnp.asarray(0), X, AX, P, AP, theta, R, rel)
     i, X, AX, P, AP, theta, R, rel = jax.lax.while_loop(cond, body, state)
-    return theta, X, i, rel, rel <= tol
+    scale = jnp.max(jnp.abs(theta))
+    res = jnp.max(jnp.where(want, jnp.linalg.norm(R, axis=0), 0.0))
+    return theta, X, AX, i, res / jnp.where(scale > 0, scale, 1.0), rel <= 1.0
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -232,7 +256,8 @@ def _solve(op: Partial, init: jax.Array, j, key: jax.Array, tol, max_iter, *, k:
     n, m = init.shape
     rand = jax.random.normal(key, (n, m), dtype=init.dtype)
     X0 = jnp.where(jnp.arange(m)[None, :] < j, init, rand)
-    theta, X, it, rel, conv = _lobpcg(op, X0, k, tol, max_iter)
+    block = jax.vmap(op, in_axes=1, out_axes=1)  # (n, b) -> (n, b)
+    theta, X, _, it, rel, conv = _lobpcg(block, X0, k, tol, max_iter)
     info = EigInfo(iterations=it, matvecs=m * (it + 1), residual=rel, converged=conv)
     return EigState(theta[:k], X[:, :k]), info
 
@@ -248,6 +273,63 @@ def _solve_dense(op: Partial, *, n: int, k: int):
         converged=jnp.asarray(True),
     )
     return EigState(vals[::-1][:k], vecs[:, ::-1][:, :k]), info
+
+
+class Refresh(NamedTuple):
+    """Result of :func:`refresh`: Ritz pairs of a block operator and their images."""
+
+    vals: jax.Array  # (m,) Ritz values, descending
+    vecs: jax.Array  # (n, m) orthonormal Ritz vectors
+    images: jax.Array  # (n, m) A · vecs
+    iterations: jax.Array  # () LOBPCG iterations after the warm Rayleigh–Ritz step
+    matvecs: jax.Array  # () operator applications to vectors (m per block product)
+    residual: jax.Array  # () max over wanted columns of ‖A v − θ v‖ / max|θ|
+    converged: jax.Array  # () bool
+
+
+def refresh(
+    block: Callable[[jax.Array], jax.Array],
+    V: jax.Array,
+    k,
+    *,
+    tol,
+    max_iter=1000,
+    loose=None,
+    level=None,
+) -> Refresh:
+    """Refresh warm Ritz vectors ``V`` (n, m) of a slowly changing symmetric operator.
+
+    One block product ``A V`` and a Rayleigh–Ritz step on ``span V``; if the
+    first ``k`` Ritz pairs then satisfy ``‖A v − θ v‖ ≤ tol · max|θ|`` that is
+    all (cost: ``m`` operator applications), otherwise LOBPCG iterations follow
+    from there until they do (``m`` more each). With ``loose`` and ``level``,
+    the wanted pairs with ``θ < level`` need only ``loose`` (the central flow
+    converges its critical pairs tightly and merely watches the next ones).
+    ``k`` may be traced. The
+    images ``A · vecs`` are returned so that callers get ``A`` applied to the
+    final vectors for free (the central flow reads ``H U`` from them).
+
+    ``block`` maps ``(n, b) -> (n, b)``; build it once per point (e.g. on a
+    ``jax.linearize`` of the gradient, so each product costs only a tangent
+    pass). Tiny problems (``n < 4m``) are solved densely from ``A I``.
+    Jittable; nothing is raised (check ``converged`` and finiteness).
+    """
+    n, m = V.shape
+    if n < 4 * m:
+        A = block(jnp.eye(n, dtype=V.dtype))  # (n, n): tiny problems only
+        vals, vecs = jnp.linalg.eigh(0.5 * (A + A.T))
+        vals, vecs = vals[::-1][:m], vecs[:, ::-1][:, :m]
+        return Refresh(
+            vals,
+            vecs,
+            A @ vecs,
+            jnp.asarray(0),
+            jnp.asarray(n),
+            jnp.asarray(0.0, V.dtype),
+            jnp.asarray(True),
+        )
+    theta, X, AX, it, rel, conv = _lobpcg(block, V, k, tol, max_iter, loose, level)
+    return Refresh(theta, X, AX, it, m * (it + 1), rel, conv)
 
 
 def _is_concrete(x) -> bool:

@@ -398,9 +398,14 @@ class Experiment:
             self.procs[name] = lane.make(self.w_start, self.s_start, self.t)
             self._tick(f"{name}_s", tic)
         self.series.put("distance_travelled", self.t, 0.0)
-        for name in self.flows:
+        for name, proc in self.procs.items():
             self.series.put(f"distance_{name}", self.t, 0.0)
             self.series.put(f"loss_{name}", self.t, self.series["loss_discrete"][self.t])
+            if hasattr(proc, "observe"):  # the flow's own record at its start
+                tic = time.perf_counter()
+                r = rows_of(proc.observe(), self.t)
+                self._record_lane(name, r, self.discrete.w[None], self.t)
+                self._tick(f"{name}_s", tic)
 
     def _next_chunk(self) -> int:
         K = min(self.chunk, self.N - self.t)
@@ -502,19 +507,23 @@ class Experiment:
                 np.asarray(jnp.linalg.norm(d.w - self.w_start[None], axis=1)),
             )
         for name, r in rows.items():
-            if name == "discrete":
-                continue
-            lane = self.flows[name]
-            for key, vals in r.series.items():
-                ser.put(lane.rename.get(key, f"{key}_{name}"), r.steps, vals)
-            Wd = W[r.steps - t0]
-            ser.put(f"distance_{name}", r.steps, np.asarray(jnp.linalg.norm(Wd - r.w, axis=1)))
-            if "q1" in r.extra and "sigma_pred" in r.series:
-                # Σ measured along the top critical direction: ⟨δ, u₁⟩² in P's metric
-                delta = (Wd - r.w) / jnp.sqrt(jnp.asarray(r.extra["p"]))
-                meas = np.asarray(jnp.sum(delta * jnp.asarray(r.extra["q1"]), axis=1) ** 2)
-                meas = np.where(np.isfinite(r.series["sigma_pred"]), meas, np.nan)
-                ser.put("sigma_meas", r.steps, meas)
+            if name != "discrete":
+                self._record_lane(name, r, W, t0)
+
+    def _record_lane(self, name: str, r: Rows, W, t0: int) -> None:
+        """A flow's rows: its series, its distance to the discrete iterate ``W[step - t0]``
+        and, for the central flow, Σ measured along its top critical direction."""
+        ser, lane = self.series, self.flows[name]
+        for key, vals in r.series.items():
+            ser.put(lane.rename.get(key, f"{key}_{name}"), r.steps, vals)
+        Wd = W[r.steps - t0]
+        ser.put(f"distance_{name}", r.steps, np.asarray(jnp.linalg.norm(Wd - r.w, axis=1)))
+        if "q1" in r.extra and "sigma_pred" in r.series:
+            # Σ measured along the top critical direction: ⟨δ, u₁⟩² in P's metric
+            delta = (Wd - r.w) / jnp.sqrt(jnp.asarray(r.extra["p"]))
+            meas = np.asarray(jnp.sum(delta * jnp.asarray(r.extra["q1"]), axis=1) ** 2)
+            meas = np.where(np.isfinite(r.series["sigma_pred"]), meas, np.nan)
+            ser.put("sigma_meas", r.steps, meas)
 
     # ------------------------------------------------------------- reporting
 

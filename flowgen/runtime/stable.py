@@ -35,13 +35,13 @@ from jax.flatten_util import ravel_pytree
 
 from flowgen.errors import SimulationError
 from flowgen.precision import in_float64
+from flowgen.problems import Problem
 from flowgen.runtime.integrators import (
     IntegrationError,
     IntegratorConfig,
     StiffIntegrator,
 )
 from flowgen.runtime.optimizer import Optimizer
-from flowgen.problems import Problem
 
 __all__ = ["DiffraxStableFlow", "IMPLICIT_TOL_FACTOR", "StableFlow"]
 

@@ -1,0 +1,179 @@
+"""flowgen.runtime.central: the process interface (time convention, snapshots) and the
+jitted analysis against independent computations."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT
+from flowgen.problems import QUADRATIC_EOS_LR, get_problem
+
+import flowgen
+from flowgen.runtime.central import SERIES, CentralConfig, CentralFlow
+from flowgen.runtime.processes import DiscreteProcess
+from flowgen.runtime.sdcp import solve_sdcp
+
+OPT = ROOT / "optimizers"
+START = 300  # the discrete GD run on `quadratic` is at the edge of stability by then
+
+
+@pytest.fixture(scope="module")
+def at_eos():
+    """GD (lr 0.01) on the quadratic, restarted at step 300: one critical direction."""
+    prob = get_problem("quadratic")
+    opt = flowgen.load(OPT / "gd.opt").optimizer(lr=QUADRATIC_EOS_LR)
+    d = DiscreteProcess(opt, prob, prob.w0)
+    d.advance(START)
+    return opt, prob, d.w, d.state
+
+
+def flow(at_eos, **cfg) -> CentralFlow:
+    opt, prob, w, s = at_eos
+    return CentralFlow(opt, prob, w, s, START, CentralConfig(**cfg))
+
+
+def assert_same_chunk(a, b, rtol=1e-12):
+    np.testing.assert_array_equal(a.steps, b.steps)
+    np.testing.assert_allclose(np.asarray(a.w), np.asarray(b.w), rtol=rtol, atol=0)
+    for name in SERIES:
+        np.testing.assert_allclose(a.series[name], b.series[name], rtol=rtol, atol=0)
+    for x, y in zip(a.X, b.X, strict=True):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-300)
+
+
+def test_records_at_t_plus_one_to_t_plus_k(at_eos):
+    cf = flow(at_eos)
+    start = cf.observe()
+    assert list(start.steps) == [START]
+    ch = cf.advance(5)
+    assert list(ch.steps) == list(range(START + 1, START + 6))
+    assert ch.w.shape == (5, cf.n) and ch.q1.shape == (5, cf.n) and ch.p.shape == (5, cf.n)
+    assert all(ch.series[name].shape == (5,) for name in SERIES)
+    assert len(ch.X) == 5
+    assert ch.series["n_crit"].max() >= 1, "the restart should be at the edge of stability"
+    # the record at t+K is the value at the current time
+    now = cf.observe()
+    assert list(now.steps) == [START + 5]
+    np.testing.assert_array_equal(np.asarray(now.w[0]), np.asarray(ch.w[-1]))
+    np.testing.assert_array_equal(np.asarray(now.w[0]), np.asarray(cf.w))
+    for name in SERIES:
+        np.testing.assert_array_equal(now.series[name][0], ch.series[name][-1])
+    for name, v in cf.state.items():  # the state at t+K goes with w̄ there
+        np.testing.assert_array_equal(np.asarray(ch.states[name][-1]), np.asarray(v))
+
+
+def test_snapshot_restore_is_exact(at_eos, tmp_path):
+    ref = flow(at_eos)
+    whole = ref.advance(50)
+
+    first = flow(at_eos)
+    a = first.advance(25)
+    snap = first.snapshot()
+    assert all(isinstance(v, np.ndarray) for v in snap.values())
+    np.savez(tmp_path / "snap.npz", **snap)  # a flat dict of arrays: no pickles
+    loaded = dict(np.load(tmp_path / "snap.npz", allow_pickle=False))
+    second = flow(at_eos)
+    second.restore(loaded)
+    assert second.t == START + 25
+    b = second.advance(25)
+
+    assert_same_chunk(whole, _concat(a, b))
+    np.testing.assert_allclose(np.asarray(second.w), np.asarray(ref.w), rtol=1e-12, atol=0)
+    assert second.counters["substeps"] == ref.counters["substeps"]
+    assert second.counters["hvps"] == ref.counters["hvps"]
+
+
+def _concat(a, b):
+    from flowgen.runtime.central import CentralChunk
+
+    return CentralChunk(
+        steps=np.concatenate([a.steps, b.steps]),
+        w=jnp.concatenate([a.w, b.w]),
+        states=jax.tree_util.tree_map(lambda x, y: jnp.concatenate([x, y]), a.states, b.states),
+        series={k: np.concatenate([a.series[k], b.series[k]]) for k in a.series},
+        q1=np.concatenate([a.q1, b.q1]),
+        p=np.concatenate([a.p, b.p]),
+        X=a.X + b.X,
+    )
+
+
+def test_substeps_and_advance_agree(at_eos):
+    """advance(K) (the jitted loop) equals K·S single substeps."""
+    one = flow(at_eos, substeps=2)
+    ch = one.advance(3)
+    other = flow(at_eos, substeps=2)
+    for _ in range(6):
+        other.substep()
+    np.testing.assert_allclose(np.asarray(other.w), np.asarray(ch.w[-1]), rtol=1e-12, atol=0)
+    assert other.counters["substeps"] == one.counters["substeps"] == 6
+
+
+def test_jitted_k1_closed_form_matches_python_sdcp_and_staged_path(at_eos):
+    """At a point with one critical direction, the fused jitted analysis gives the X of
+    sdcp.solve_sdcp on its own A₀, B, and the same A₀, B, X as the stages run as
+    separate jitted calls (the profiled path)."""
+    fused = flow(at_eos, substeps=2)
+    fused.advance(3)
+    snap = fused.snapshot()
+    a = fused._analysis()
+    assert a.k == 1
+    X_py = solve_sdcp(np.asarray(a.A0), np.asarray(a.B)).X
+    np.testing.assert_allclose(np.asarray(a.X), X_py, rtol=1e-10, atol=0)
+    assert X_py[0, 0] > 0, "the critical direction should carry a covariance here"
+
+    staged = flow(at_eos, substeps=2, profile=True)
+    staged.restore(snap)
+    staged._a = None  # recompute the analysis of the same point with the staged path
+    staged._V = jnp.asarray(snap["analysis.vecs"])
+    b = staged._analysis()
+    np.testing.assert_allclose(np.asarray(b.vals[:1]), np.asarray(a.vals[:1]), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(b.A0), np.asarray(a.A0), rtol=1e-8)
+    np.testing.assert_allclose(np.asarray(b.B), np.asarray(a.B), rtol=1e-8)
+    np.testing.assert_allclose(np.asarray(b.X), np.asarray(a.X), rtol=1e-8)
+    # one more substep each: the same point
+    fused.substep()
+    staged.substep()
+    np.testing.assert_allclose(np.asarray(staged.w), np.asarray(fused.w), rtol=1e-10)
+
+
+def test_linearised_constraint_against_finite_differences(at_eos):
+    """B = ∂F/∂X from forward mode equals central differences of the constraint F(X) at
+    the end of a substep, computed from the generated drift directly."""
+    cf = flow(at_eos, substeps=2)
+    cf.advance(2)
+    a = cf._analysis()
+    opt, c, dt = cf.opt, cf.c, cf.dt
+    t = cf._kern.t_rate(cf._unit, cf._sub, cf.S, cf.t0)
+    Q, lam = a.vecs[:, :1], a.vals[:1]
+
+    def F(x):
+        X = jnp.array([[x]])
+        Eg = a.g0 + 0.5 * jnp.einsum("ij,ijn->n", X, a.G)
+        Vg = jnp.sum((a.HU @ X) * a.HU, axis=1)
+        _, ds = opt.drift(cf.w, cf.state, Eg, Vg, t)
+        s1 = jax.tree_util.tree_map(lambda u, v: u + dt * v, cf.state, ds)
+        dw, _ = opt.drift(cf.w, s1, Eg, Vg, t)
+        w1 = cf.w + dt * dw
+        p1 = jnp.broadcast_to(opt.effective_step(w1, s1, t + dt), w1.shape)
+        F = c * (Q.T * (a.p / p1)) @ Q - jnp.diag(lam) - a.G @ (w1 - cf.w)
+        return float(F[0, 0])
+
+    h = 1e-4 * max(abs(float(a.X[0, 0])), 1e-6)
+    fd = (F(h) - F(-h)) / (2 * h)
+    np.testing.assert_allclose(float(a.A0[0, 0]), F(0.0), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(float(a.B[0, 0]), fd, rtol=1e-6)
+
+
+def test_counters_and_tracking(at_eos):
+    cf = flow(at_eos, substeps=2)
+    ch = cf.advance(10)
+    cnt = cf.counters
+    assert cnt["units"] == 10 and cnt["substeps"] == 20
+    assert cnt["analyses"] >= 21  # the start, then one per substep
+    assert cnt["contractions"] >= int(ch.series["n_crit"].sum())
+    m = cf.eig.vecs.shape[1]
+    assert cnt["hvps"] >= m * cnt["analyses"] - m  # one block product per analysis at least
+    # the critical eigenvalue is pinned at the threshold
+    np.testing.assert_allclose(ch.series["sharpness"][-5:], cf.c, rtol=1e-3)
