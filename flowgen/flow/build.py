@@ -9,7 +9,7 @@ import sympy as sp
 from flowgen.errors import DerivationError, UsageError
 from flowgen.flow.spec import FlowSpec, StabilitySpec, StateFlow, Statement
 from flowgen.language.ast import Program
-from flowgen.symbolic import classify, drift, stability
+from flowgen.symbolic import classify, drift, stability, stationary
 from flowgen.symbolic.model import EG_NAME, VG_NAME, W, build_model
 
 
@@ -140,4 +140,11 @@ def build_flow(
         w_drift=w_drift,
         stability=stab_spec,
         central_reason=reason,
+        stationary=stationary.analyse(
+            states,
+            stab_spec and stab_spec.effective_step,
+            stab_spec and stab_spec.threshold_value,
+            dict(model.hyper_values),
+            central_reason=reason,
+        ),
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from flowgen.symbolic.model import rmean, rsum
+from flowgen.symbolic.stationary import StationarySpec
 
 
 def expr_str(e: sp.Expr | None) -> str | None:
@@ -67,6 +68,7 @@ class FlowSpec:
     stability: StabilitySpec | None
     central_reason: str | None = None  # why there is no central flow, if there is none
     extras: dict = field(default_factory=dict)
+    stationary: StationarySpec | None = None  # the stationary preconditioner (symbolic.stationary)
 
     @property
     def has_central(self) -> bool:
@@ -115,6 +117,7 @@ class FlowSpec:
             "drift": drift,
             "kappa": {s.name: expr_str(s.kappa) for s in self.states if s.kappa is not None},
             "central_flow": None if self.has_central else self.central_reason,
+            "stationary": self.stationary.to_json() if self.stationary else None,
             "notation": {
                 "Eg": "E[g] = grad L + 1/2 grad<H, Sigma> (per coordinate)",
                 "Vg": "Var[g] = diag(H Sigma H) (per coordinate)",
