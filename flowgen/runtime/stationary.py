@@ -917,19 +917,42 @@ def a_floor(loss, w, form: PrecondForm, live) -> float:
     return float(A_FLOOR * np.max(a[np.asarray(live, bool)], initial=0.0))
 
 
-def kkt_from_sdp(sdp: SDPResult, *, rank_tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-    """``(P, V)`` from an SDP solution: ``Z = P⁻¹ B Y Bᵀ P⁻¹/c²`` (module docstring),
-    ``V = P⁻¹ B Y^{1/2}/c`` on the eigenvalues of ``Y`` above ``rank_tol·max``."""
+def kkt_from_sdp(
+    sdp: SDPResult, loss=None, w_bar=None, *, rank_tol: float = 1e-6, bind_tol: float = 1e-5
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(P, V)`` from an SDP solution: ``Z = P⁻¹ B Y Bᵀ P⁻¹/c²`` (module docstring).
+
+    With ``loss`` and ``w_bar``, ``Z`` is projected on the binding directions — the
+    eigenvectors ``U_b = P^{-1/2} Q_b`` of ``P⁻¹H`` with eigenvalue ``≥ c(1 − bind_tol)`` —
+    which removes the interior-point solver's noise from the other directions of the
+    model: ``V = U_b (U_bᵀ P Z P U_b)^{1/2}``. Otherwise ``V = P⁻¹ B Y^{1/2}/c`` on the
+    eigenvalues of ``Y`` above ``rank_tol·max``."""
     P = np.asarray(sdp.P, float)
+    n = P.size
     if sdp.dual.size == 0:
-        return P, np.zeros((P.size, 0))
-    e, R = np.linalg.eigh(0.5 * (sdp.dual + sdp.dual.T))
-    keep = e > rank_tol * max(e.max(), 1e-300)
-    root = R[:, keep] * np.sqrt(e[keep])  # (k, r)
+        return P, np.zeros((n, 0))
     with np.errstate(divide="ignore", invalid="ignore"):
         Pinv = np.where(sdp.dead | (P <= 0), 0.0, 1.0 / P)
-    V = Pinv[:, None] * (sdp.B @ root) / sdp.threshold
-    return P, V
+    e, R = np.linalg.eigh(0.5 * (sdp.dual + sdp.dual.T))
+    keep = e > rank_tol * max(e.max(), 1e-300)
+    F = Pinv[:, None] * (sdp.B @ (R[:, keep] * np.sqrt(e[keep]))) / sdp.threshold  # Z = F Fᵀ
+    if loss is None:
+        return P, F
+    w = jnp.asarray(w_bar)
+    p = np.where(sdp.dead, 0.0, Pinv)
+    mv = eigen.sym_eff_hessian_matvec(loss, w, jnp.asarray(p))
+    m = int(min(max(sdp.k, 1) + 2, n))
+    st = eigen.top_eigenpairs(mv, n, m, init=sdp.eigvecs, tol=1e-10)
+    vals, Q = np.asarray(st.vals), np.asarray(st.vecs)
+    b = vals >= sdp.threshold * (1 - bind_tol)
+    if not b.any():
+        return P, np.zeros((n, 0))
+    Ub = np.sqrt(p)[:, None] * Q[:, b]  # (n, kb), Ub' P Ub = I
+    C = Ub.T @ (P[:, None] * F)  # (kb, r): Ub' P F
+    Zb = C @ C.T
+    e, R = np.linalg.eigh(0.5 * (Zb + Zb.T))
+    keep = e > rank_tol * max(e.max(), 1e-300)
+    return P, Ub @ (R[:, keep] * np.sqrt(e[keep]))
 
 
 def kkt_from_relaxation(rel: Relaxation, form: PrecondForm) -> tuple[np.ndarray, np.ndarray]:

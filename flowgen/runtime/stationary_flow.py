@@ -280,7 +280,7 @@ class StationaryFlow:
     def _from_sdp(self, w) -> tuple[np.ndarray, np.ndarray]:
         sdp = self._sdp(w, None if self._kkt is None else self._kkt.P)
         self._eig = sdp.eigvecs
-        return kkt_from_sdp(sdp)
+        return kkt_from_sdp(sdp, self.problem.loss, w)
 
     @in_float64
     def point(self) -> StationaryPoint:
