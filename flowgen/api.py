@@ -147,6 +147,10 @@ class OptFile:
         problem_options=None,
         substeps: int = 4,
         default_form: bool = True,
+        stationary_flow: bool = False,
+        stationary_from: int | None = None,
+        stationary_substeps: int = 2,
+        stationary_method: str = "auto",
         progress=None,
         out=None,
         resume: bool = False,
@@ -154,7 +158,10 @@ class OptFile:
     ):
         """Interpret the flow at step ``steps`` (``flowgen explain``): threshold, critical
         directions, implicit curvature penalty, the stationary preconditioner by relaxation
-        and (RMSProp family) by SDP, compared with each other and with the discrete run.
+        and (where the derivation says the SDP applies) by SDP, compared with each other and
+        with the discrete run. With ``stationary_flow=True`` also the stable flow and the
+        stationary flows (exact and simplified) from the central flow's ``w̄`` at
+        ``stationary_from`` (default: the central flow's start), side by side.
 
         Returns an ``Explanation``; with ``out`` also writes report.json, explain.npz and
         the PNG figures there.
@@ -164,7 +171,14 @@ class OptFile:
         prob = _problem(problem, problem_options)
         opt = self.optimizer(**hyper)
         cfg = ExplainConfig(
-            steps=steps, restart_at=restart_at, substeps=substeps, default_form=default_form
+            steps=steps,
+            restart_at=restart_at,
+            substeps=substeps,
+            default_form=default_form,
+            stationary_flow=stationary_flow,
+            stationary_from=stationary_from,
+            stationary_substeps=stationary_substeps,
+            stationary_method=stationary_method,
         )
         store = _store(out, "explain", opt, prob, cfg)
         res = explain(opt, prob, cfg, progress=progress, store=store, resume=resume)

@@ -126,7 +126,7 @@ def cmd_codegen(args) -> int:
 
 
 def _check_counts(args) -> None:
-    for name in ("steps", "chunk", "eig_every", "substeps"):
+    for name in ("steps", "chunk", "eig_every", "substeps", "stationary_substeps"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
@@ -299,11 +299,21 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _step_arg(value, flag: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"{flag} expects a step number, got `{value}`") from None
+
+
 def cmd_explain(args) -> int:
     from flowgen.api import load
     from flowgen.report.explain import explain_report, write_explain
     from flowgen.runtime.explain import ExplainConfig, explain
 
+    _check_counts(args)
     of = load(args.file)
     opt = of.optimizer(**parse_sets(args.set))
     problem = _problem(args)
@@ -322,6 +332,10 @@ def cmd_explain(args) -> int:
         relax_tol=args.relax_tol,
         default_form=not args.no_default_form,
         sdp_k=args.sdp_k,
+        stationary_flow=args.stationary_flow,
+        stationary_from=_step_arg(args.stationary_from, "--stationary-from"),
+        stationary_substeps=args.stationary_substeps,
+        stationary_method=args.stationary_method,
     )
     out = Path(args.out or f"runs/explain-{opt.name}-{problem.name}")
     res = _with_phases(explain, opt, problem, cfg, command="explain", out=out, resume=args.resume)
@@ -458,6 +472,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sdp-k", type=int, default=12, help="LMI size of the SDP (eigenpairs per model)"
+    )
+    p.add_argument(
+        "--stationary-flow",
+        action="store_true",
+        help="also integrate the stationary flows (exact and simplified) and the stable flow, "
+        "side by side with the discrete run and the central flow",
+    )
+    p.add_argument(
+        "--stationary-from",
+        metavar="T",
+        help="start the stationary flows from the central flow's w̄ at step T (default: the "
+        "central flow's start)",
+    )
+    p.add_argument(
+        "--stationary-substeps",
+        type=int,
+        default=2,
+        help="Euler substeps per step of the stationary flows",
+    )
+    p.add_argument(
+        "--stationary-method",
+        choices=("auto", "kkt", "sdp", "relax", "scalar"),
+        default="auto",
+        help="how P* is recomputed along the stationary flows (auto: Newton on the SDP's KKT "
+        "system where the SDP applies, else relaxation)",
     )
     p.set_defaults(func=cmd_explain)
 

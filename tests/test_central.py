@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT
-from flowgen.problems import QUADRATIC_EOS_LR, get_problem
 
 import flowgen
+from flowgen.problems import QUADRATIC_EOS_LR, get_problem
 from flowgen.runtime.central import SERIES, CentralConfig, CentralFlow
 from flowgen.runtime.processes import DiscreteProcess
 from flowgen.runtime.sdcp import solve_sdcp

@@ -21,7 +21,7 @@ from flowgen.flow.discrete import DiscreteSpec, build_discrete
 from flowgen.flow.spec import FlowSpec, StabilitySpec, StateFlow, Statement
 from flowgen.language.ast import Program
 from flowgen.language.checks import check_hyper_values
-from flowgen.symbolic import budget, classify, drift, stability
+from flowgen.symbolic import budget, classify, drift, stability, stationary
 from flowgen.symbolic.model import REDUCTION_CLASSES, build_model
 from flowgen.symbolic.moments import MOMENT_NAMES, runtime_table
 from flowgen.symbolic.stability import Bifurcation
@@ -251,4 +251,11 @@ def _stages(program: Program, discrete: DiscreteSpec, require_central: bool) -> 
         central_reason=reason,
         discrete=discrete,
         moments=runtime_table(),
+        stationary=stationary.analyse(
+            states,
+            stab_spec and stab_spec.effective_step,
+            stab_spec and stab_spec.threshold_value,
+            dict(model.hyper_values),
+            central_reason=reason,
+        ),
     )

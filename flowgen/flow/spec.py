@@ -11,6 +11,7 @@ from flowgen.flow.discrete import DiscreteSpec
 from flowgen.symbolic.model import rmean, rsum
 from flowgen.symbolic.moments import MOMENTS, runtime_table
 from flowgen.symbolic.stability import Bifurcation
+from flowgen.symbolic.stationary import StationarySpec
 
 
 def expr_str(e: sp.Expr | None) -> str | None:
@@ -110,6 +111,8 @@ class FlowSpec:
         plain, alt = INTERNAL_NAMES[key]
         return alt if plain in self.names else plain
 
+    stationary: StationarySpec | None = None  # the stationary preconditioner (symbolic.stationary)
+
     @property
     def has_central(self) -> bool:
         return self.central_reason is None
@@ -165,6 +168,7 @@ class FlowSpec:
             "drift": drift,
             "kappa": {s.name: expr_str(s.kappa) for s in self.states if s.kappa is not None},
             "central_flow": None if self.has_central else self.central_reason,
+            "stationary": self.stationary.to_json() if self.stationary else None,
             "notation": {
                 **{m.name: m.meaning for m in MOMENTS},
                 "sum": "sum over coordinates",

@@ -11,7 +11,12 @@ Figures (in ``--out``):
 * ``harmonic_mean.png`` — the harmonic mean of the effective step sizes
   ``n / Σ 1/p_i`` along the run, discrete and central flow (the talk's
   "acceleration via regularization"), with the stationary value at the end,
-  and the effective sharpness against the threshold.
+  and the effective sharpness against the threshold;
+* ``stationary_flow.png`` (``--stationary-flow``) — every process side by side:
+  the discrete run, the central flow, the stable flow and the two stationary
+  flows: loss, effective sharpness, harmonic mean of the effective step sizes,
+  and the distance to the discrete run and to the central flow, relative to
+  the distance the discrete run travelled.
 """
 
 from __future__ import annotations
@@ -189,7 +194,81 @@ def explain_text(res) -> list[tuple[str, str]]:
         "avoid regions that force small steps (the talk's acceleration via regularization)."
     )
     out.append(("harmonic mean of step sizes", hm))
+    if "sdp_bound" in cm:
+        b = cm["sdp_bound"]
+        out.append(
+            (
+                "asymptotic SDP",
+                f"The SDP holds for this optimizer only in the limit {', '.join(b['limits'])}: "
+                f"it is solved for the limit form P_lim = {pc['stationary']['limit']}, while the "
+                f"optimizer's preconditioner is P = {pc['stationary']['precond']}. At t = "
+                f"{b['t']:g} and the relaxed state ν*, the form differs from P by at most "
+                f"{_f(b['bound_max'], '.3g')} (median {_f(b['bound_median'], '.3g')}) per "
+                "coordinate; the two computations of P* differ by at most "
+                f"{_f(b['measured_max_rel_err'], '.3g')} (median "
+                f"{_f(b['measured_median_rel_err'], '.3g')}): the bound "
+                f"{'holds' if b['holds'] else 'is EXCEEDED'}. Where the oscillation does not "
+                "reach a coordinate the disagreement equals the bound"
+                + (
+                    f" (measured on {b['n_free']} such coordinates: |difference − bound| ≤ "
+                    f"{_f(b['free_max_abs_err_minus_bound'], '.2g')})."
+                    if b.get("n_free")
+                    else "."
+                ),
+            )
+        )
+    if res.flows:
+        out.append(("stationary flow", stationary_flow_text(res)))
     return out
+
+
+def stationary_flow_text(res) -> str:
+    """The closing note: the stationary flows' distances against the stable flow's."""
+    st = res.flows.get("stationary_flow", {})
+    sb = res.flows.get("stable_flow", {})
+    N = res.point["step"]
+    parts = []
+    for form, words in (("exact", "exact form −P*⁻¹[∇L + ½∇⟨H,Σ*⟩]"), ("simplified", "")):
+        r = st.get(form)
+        if not r:
+            continue
+        if "skipped" in r:
+            parts.append(f"The simplified form is not computed: {r['skipped']}.")
+            continue
+        label = words or "simplified form −P*⁻¹[∇L + κ∇tr P*] (κ = η²/(2γc), η²/4 for RMSProp)"
+        parts.append(
+            f"The stationary flow in its {label}, from the central flow's w̄ at step "
+            f"{r['start']}, ends {_pct(r['distance_to_discrete_rel'])} of the distance the "
+            f"discrete run travelled away from it, and {_pct(r['distance_to_central_rel'])} "
+            "away from the central flow."
+        )
+    if sb:
+        parts.append(
+            f"For contrast, the stable flow (Σ = 0, from step {sb['start']}) ends "
+            f"{_pct(sb['distance_to_discrete_rel'])} from the discrete run and "
+            f"{_pct(sb['distance_to_central_rel'])} from the central flow at step {N}."
+        )
+    ex, sm = st.get("exact", {}), st.get("simplified", {})
+    if "distance_to_central_rel" in ex and sb.get("distance_to_central_rel"):
+        better = ex["distance_to_central_rel"] < sb["distance_to_central_rel"]
+        parts.append(
+            "Replacing the preconditioner's state by its stationary value "
+            + (
+                "keeps the trajectory closer to the central flow than dropping the oscillation "
+                "does."
+                if better
+                else "moves the trajectory further from the central flow than dropping the "
+                "oscillation (the stable flow) does: here the preconditioner is far from "
+                "stationary."
+            )
+        )
+    if "distance_to_central_rel" in sm and "distance_to_central_rel" in ex:
+        parts.append(
+            f"The simplified reading (the talk's: RMSProp penalises tr P*) ends "
+            f"{_pct(sm['distance_to_central_rel'])} from the central flow against "
+            f"{_pct(ex['distance_to_central_rel'])} for the exact stationary flow."
+        )
+    return " ".join(parts)
 
 
 def explain_report(res, out: Path | None, console) -> None:
@@ -225,10 +304,29 @@ def explain_report(res, out: Path | None, console) -> None:
     console.print(
         "time: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items() if k.endswith("_s"))
     )
+    if res.flows:
+        tab = Table(title="processes at the last step", title_justify="left")
+        for col in ("process", "from step", "to discrete / travelled", "to central / travelled"):
+            tab.add_column(col, justify="left" if col == "process" else "right")
+        rows = [("stable flow", res.flows.get("stable_flow", {}))]
+        for form, r in res.flows.get("stationary_flow", {}).items():
+            rows.append((f"stationary flow ({form})", r))
+        for label, r in rows:
+            if not r or "skipped" in r:
+                continue
+            tab.add_row(
+                label,
+                str(r["start"]),
+                _f(r["distance_to_discrete_rel"], ".4f"),
+                _f(r["distance_to_central_rel"], ".4f"),
+            )
+        console.print(tab)
     if out is not None:
         files = ["report.json", "explain.npz", "harmonic_mean.png"]
         if res.precond["adaptive"]:
             files.append("stationary_preconditioner.png")
+        if res.flows:
+            files.append("stationary_flow.png")
         console.print(f"wrote {out}/" + ", ".join(files) + ", optimizer.py")
 
 
@@ -243,6 +341,8 @@ def write_explain(res, out: Path, *, opt, command=None) -> list[Path]:
     figures = [lambda o: plot_harmonic_mean(res, o / "harmonic_mean.png")]
     if res.precond["adaptive"] and len(res.P) > 2:
         figures.append(lambda o: plot_stationary(res, o / "stationary_preconditioner.png"))
+    if res.flows:
+        figures.append(lambda o: plot_stationary_flow(res, o / "stationary_flow.png"))
     return write_outputs(
         out,
         opt=opt,
@@ -369,6 +469,87 @@ def plot_harmonic_mean(res, path: Path) -> Path:
     ax.set_title(r"effective sharpness $\lambda_{\max}(P^{-1}H)$")
     ax.legend(fontsize=8)
     fig.suptitle(f"{res.optimizer} on {res.problem}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_stationary_flow(res, path: Path) -> Path:
+    """Every process side by side (``--stationary-flow``)."""
+    from flowgen.runtime.validate import centred_window
+
+    plt = _plt()
+    s = res.series
+    x = s["step"]
+    N = res.point["step"]
+    procs = [
+        ("discrete", "discrete", "C0", "-", 0.8),
+        ("central", "central flow", "C3", "-", 1.6),
+        ("stable", "stable flow", "C2", ":", 1.4),
+        ("stationary_exact", "stationary flow (exact)", "C1", "--", 1.6),
+        ("stationary_simplified", "stationary flow (simplified)", "C4", "-.", 1.4),
+    ]
+    st = res.flows.get("stationary_flow", {})
+    starts = [r["start"] for r in st.values() if "start" in r]
+    lo = max(min([res.start, *starts]) - 20, 0)
+    sel = x >= lo
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+
+    def line(ax, key, label, color, ls, lw):
+        if key in s:
+            y = np.asarray(s[key], float)
+            m = sel & np.isfinite(y)
+            if m.any():
+                ax.plot(x[m], y[m], color=color, ls=ls, lw=lw, label=label)
+
+    ax = axes[0, 0]
+    line(ax, "loss_discrete", "discrete", "C0", "-", 0.5)
+    if "loss_discrete" in s:
+        ax.plot(x[sel], centred_window(s["loss_discrete"], 21)[sel], color="C0", lw=1.4,
+                label="discrete, 21-step mean")  # fmt: skip
+    for key, label, color, ls, lw in procs[1:]:
+        line(ax, f"loss_{key}", label, color, ls, lw)
+    ax.set_yscale("log")
+    ax.set_title("train loss L(w)")
+    ax.legend(fontsize=7)
+    ax = axes[0, 1]
+    for key, label, color, ls, lw in procs:
+        line(ax, f"sharpness_{key}", label, color, ls, lw)
+    c = res.threshold
+    ax.axhline(c, color="k", ls=":", lw=1)
+    ax.set_ylim(0, 2 * c)
+    ax.set_title(r"effective sharpness $\lambda_{\max}(P^{-1}H)$ (stationary flows: $P^*$)")
+    ax = axes[1, 0]
+    for key, label, color, ls, lw in procs:
+        line(ax, f"hmean_{key}", label, color, ls, lw)
+    ax.set_yscale("log")
+    ax.set_title("harmonic mean of effective step sizes n/Σ(1/p_i)")
+    ax = axes[1, 1]
+    for key, label, color, ls, lw in procs[1:]:
+        name = key if key != "central" else None
+        trav = s.get(f"distance_travelled_{key}", s.get("distance_travelled"))
+        if trav is None:
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if name is None:
+                y = np.asarray(s.get("distance_central", np.full_like(x, np.nan))) / trav
+                m = sel & np.isfinite(y)
+                ax.plot(x[m], y[m], color=color, ls=ls, lw=lw, label="central flow to discrete")
+                continue
+            y = np.asarray(s.get(f"distance_to_discrete_{key}", np.full_like(x, np.nan))) / trav
+            m = sel & np.isfinite(y)
+            ax.plot(x[m], y[m], color=color, ls=ls, lw=lw, label=f"{label} to discrete")
+            y = np.asarray(s.get(f"distance_to_central_{key}", np.full_like(x, np.nan))) / trav
+            m = sel & np.isfinite(y)
+            ax.plot(x[m], y[m], color=color, ls=ls, lw=0.8, alpha=0.6,
+                    label=f"{label} to central")  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_title("distance / distance the discrete run travelled")
+    ax.legend(fontsize=6, ncol=2)
+    for ax in axes.ravel():
+        ax.set_xlabel("step")
+    fig.suptitle(f"{res.optimizer} on {res.problem}: the processes side by side (to step {N})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

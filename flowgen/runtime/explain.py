@@ -5,8 +5,17 @@ Runs the discrete optimizer and the central flow to step ``N`` in lockstep
 flow at ``w̄(N)``: the effective sharpness and critical directions, the implicit
 curvature penalty ``½∇⟨H,Σ⟩``, and the stationary preconditioner ``P*(w̄)``
 computed two independent ways (:mod:`flowgen.runtime.stationary`: relaxation and,
-for the RMSProp family, the SDP), compared with each other and with the discrete
-run's actual preconditioner.
+where the derivation says the SDP applies — exactly or asymptotically — the SDP),
+compared with each other and with the discrete run's actual preconditioner. In
+the asymptotic case (bias correction, ε outside the root) the agreement is
+reported with the bound ``max_i |P(ν*_i, t)/P_lim(ν*_i) − 1|`` at the current
+``t``, ``ε`` and ``ν*``.
+
+With ``stationary_flow=True`` the same experiment also runs, as lanes of the
+loop, the stable flow (from the discrete iterate at the flows' start) and the
+stationary flows (:mod:`flowgen.runtime.stationary_flow`; exact and simplified)
+from the central flow's ``w̄`` at ``stationary_from`` (default: the central
+flow's start), each compared with the discrete run and the central flow.
 """
 
 from __future__ import annotations
@@ -25,21 +34,25 @@ from flowgen.runtime.central import CentralConfig, CentralFlow
 from flowgen.runtime.checkpoint import CheckpointStore
 from flowgen.runtime.loop import Experiment, FlowLane, Progress, default_start, no_progress
 from flowgen.runtime.optimizer import Optimizer
+from flowgen.runtime.processes import StableFlow
 from flowgen.runtime.series import json_values
 from flowgen.runtime.stationary import (
     Relaxation,
     SDPResult,
     compare,
     dead_coordinates,
+    form_error,
     harmonic_mean,
     relax,
-    rmsprop_form,
     sigma_agreement,
     slow_precond_states,
+    stationary_form,
+    stationary_scalar,
     stationary_sdp,
 )
+from flowgen.runtime.stationary_flow import StationaryConfig, StationaryFlow, resolve_method
 
-__all__ = ["ExplainConfig", "Explanation", "explain"]
+__all__ = ["ExplainConfig", "Explanation", "explain", "sdp_bound"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,10 @@ class ExplainConfig:
     sdp_k: int = 12
     sdp_k_max: int = 48
     sdp_tol: float = 1e-6
+    stationary_flow: bool = False  # also run the stable flow and the stationary flows
+    stationary_from: int | None = None  # their start (None: the central flow's start)
+    stationary_substeps: int = 2  # Euler substeps per step of the stationary flows
+    stationary_method: str = "auto"  # how P* is recomputed along them (stationary_flow.py)
 
 
 @dataclass
@@ -76,6 +93,7 @@ class Explanation:
     sdp: SDPResult | None = None
     timings: dict = field(default_factory=dict)
     devices: list[str] = field(default_factory=list)  # the devices the run used
+    flows: dict = field(default_factory=dict)  # stationary_flow, stable_flow (report.json)
 
     def to_json(self) -> dict:
         return {
@@ -93,6 +111,7 @@ class Explanation:
             "comparisons": self.comparisons,
             "timings": self.timings,
             "series": {k: json_values(v) for k, v in self.series.items()},
+            **self.flows,
         }
 
 
@@ -141,22 +160,41 @@ def explain(
         )
     ccfg = CentralConfig(substeps=config.substeps)
 
-    def hmean_central(exp, rows):
+    flows = [
+        FlowLane(
+            "central",
+            lambda w, s, t: CentralFlow(opt, problem, w, s, t, ccfg),
+            rename={"loss_pred": "loss_pred", "n_crit": "n_crit"},
+        )
+    ]
+    stat_lanes, skipped = [], {}
+    if config.stationary_flow:
+        stat_lanes, skipped = _stationary_lanes(opt, problem, config, start, N)
+        flows.append(
+            FlowLane(
+                "stable",
+                lambda w, s, t: StableFlow(opt, problem, w, s, t),
+                measure_sharpness=True,
+                compare=("central",),
+            )
+        )
+        flows.extend(stat_lanes)
+
+    def hmeans(exp, rows):
         r = rows.get("central")
         if r is not None and "p" in r.extra:
             exp.series.put("hmean_central", r.steps, [harmonic_mean(p) for p in r.extra["p"]])
+        r = rows.get("stable")
+        if r is not None:
+            exp.series.put(
+                "hmean_stable", r.steps, np.asarray(exp._hm(r.w, r.states, r.steps + 1.0))
+            )
 
     exp = Experiment(
         opt,
         problem,
         steps=N,
-        flows=(
-            FlowLane(
-                "central",
-                lambda w, s, t: CentralFlow(opt, problem, w, s, t, ccfg),
-                rename={"loss_pred": "loss_pred", "n_crit": "n_crit"},
-            ),
-        ),
+        flows=tuple(flows),
         start=start,
         chunk=config.chunk,
         eig_every=config.eig_every,
@@ -164,7 +202,7 @@ def explain(
         resume=resume,
         progress=progress,
         should_stop=should_stop,
-        after_chunk=hmean_central,
+        after_chunk=hmeans,
     ).run()
     timings["discrete_s"] = exp.timings.get("discrete_s", 0.0) + exp.timings.get("sharpness_s", 0.0)
     timings["central_s"] = exp.timings.get("central_s", 0.0)
@@ -179,6 +217,8 @@ def explain(
             "hmean_discrete",
             "hmean_central",
             "n_crit",
+            "distance_central",
+            "distance_travelled",
         )
     }
     w_disc, s_disc = exp.discrete.w, exp.discrete.state
@@ -249,10 +289,9 @@ def explain(
 
     # 4. the stationary preconditioner
     form, why = (
-        rmsprop_form(opt, float(N + 1))
-        if slow
-        else (None, "the optimizer has no slow preconditioner state")
+        stationary_form(opt) if slow else (None, "the optimizer has no slow preconditioner state")
     )
+    st_spec = getattr(opt.spec, "stationary", None)
     precond = {
         "slow_states": slow,
         "adaptive": bool(slow),
@@ -260,6 +299,8 @@ def explain(
         "sdp_applicable": form is not None,
         "sdp_reason": why,
         "form": asdict(form) if form else None,
+        "sdp_kind": st_spec.kind if st_spec is not None else None,
+        "stationary": st_spec.to_json() if st_spec is not None else None,
     }
     P = {"discrete": 1.0 / p_disc, "central": 1.0 / p_c}
     comps = {}
@@ -305,17 +346,25 @@ def explain(
         point["hmean_stationary"] = harmonic_mean(rel_t.p)
         if form is not None:
             tic = time.perf_counter()
-            sdp = stationary_sdp(
-                problem.loss,
-                w_bar,
-                form.lr,
-                eps=form.eps,
-                threshold=c,
-                k=config.sdp_k,
-                k_max=config.sdp_k_max,
-                tol=config.sdp_tol,
-                progress=prog,
-            )
+            if form.shape == "scalar":
+                sdp = stationary_scalar(
+                    problem.loss, w_bar, form.lr, eps=form.eps, threshold=c,
+                    alpha=form.alpha, const=form.const, tol=config.sdp_tol,
+                )  # fmt: skip
+            else:
+                sdp = stationary_sdp(
+                    problem.loss,
+                    w_bar,
+                    form.lr,
+                    eps=form.eps,
+                    threshold=c,
+                    k=config.sdp_k,
+                    k_max=config.sdp_k_max,
+                    tol=config.sdp_tol,
+                    progress=prog,
+                    alpha=form.alpha,
+                    const=form.const,
+                )
             timings["sdp_s"] = time.perf_counter() - tic
             P["sdp"] = sdp.P
             dead = sdp.dead
@@ -326,7 +375,10 @@ def explain(
         ref = "sdp" if sdp is not None else "relax_talk"
         if sdp is not None:
             comps["relax_talk_vs_sdp"] = compare(rel_t.P, sdp.P, mask=live)
-            comps["sigma_relax_vs_sdp_dual"] = sigma_agreement(rel_t, sdp)
+            if form.shape == "diagonal":
+                comps["sigma_relax_vs_sdp_dual"] = sigma_agreement(rel_t, sdp)
+            if form.kind == "asymptotic":
+                comps["sdp_bound"] = sdp_bound(form, rel_t, sdp, live, t=N + 1)
         if rel_d is not None:
             comps["relax_default_vs_talk"] = compare(rel_d.P, rel_t.P, mask=live)
         comps[f"discrete_vs_{ref}"] = compare(P["discrete"], P[ref], mask=live)
@@ -336,6 +388,11 @@ def explain(
             "all coordinates except dead ones (∇L_i = 0 and H e_i = 0, where "
             "P* = √ε/η in both computations)"
         )
+    flows_report = {}
+    if config.stationary_flow:
+        flows_report = _flows_report(exp, N, stat_lanes, skipped, ser)
+        for name in ("stable", *(lane.name for lane in stat_lanes)):
+            timings[f"{name}_s"] = exp.timings.get(f"{name}_s", 0.0)
     timings["total_s"] = sum(v for k, v in timings.items() if k.endswith("_s"))
     return Explanation(
         optimizer=opt.name,
@@ -354,4 +411,136 @@ def explain(
         sdp=sdp,
         timings=timings,
         devices=exp.placement.describe(),
+        flows=flows_report,
     )
+
+
+def sdp_bound(form, rel: Relaxation, sdp: SDPResult, live, *, t: float) -> dict:
+    """The asymptotic SDP against the relaxation, with the bound at the current state.
+
+    The SDP is solved for the limit form ``P_lim(ν) = √(ν + ε_in)/η``; the optimizer's
+    preconditioner at the relaxed state is ``P(ν*, t)`` (``rel.P``). The bound is the
+    error of the form there, ``r_i = P(ν*_i, t)/P_lim(ν*_i) − 1`` (the limits not yet
+    reached at this ``t``, ``ε`` and ``ν*``). Where the stability constraint does not
+    bind, ``P*_i`` is the form applied to ``ν*_i = α∇L_i² + β`` in both computations,
+    so the disagreement there *is* ``|r_i|`` (the bound is attained); where it binds,
+    ``P*_i`` is set by the curvature and moves less. ``holds`` compares the largest
+    measured disagreement with the largest ``|r_i|`` (a measured statement, not a theorem).
+    """
+    nu = np.asarray(rel.states[form.state], float)
+    r = np.abs(form_error(form, rel.P, nu))
+    live = np.asarray(live, bool) & np.isfinite(r)
+    P_sdp = np.asarray(sdp.P, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err = np.abs(np.asarray(rel.P, float) - P_sdp) / P_sdp
+    ok = live & np.isfinite(err)
+    bound_max = float(np.max(r[ok])) if ok.any() else float("nan")
+    meas_max = float(np.max(err[ok])) if ok.any() else float("nan")
+    # coordinates the oscillation does not reach (no binding direction there)
+    free = ok & (np.asarray(rel.Vg, float) <= 1e-12 * max(float(np.max(rel.Vg)), 1e-300))
+    return {
+        "kind": form.kind,
+        "limits": list(form.limits),
+        "t": float(t),
+        "bound": "max_i |P(nu*_i, t)/P_lim(nu*_i) - 1| over live coordinates",
+        "bound_max": bound_max,
+        "bound_median": float(np.median(r[ok])) if ok.any() else float("nan"),
+        "measured_max_rel_err": meas_max,
+        "measured_median_rel_err": float(np.median(err[ok])) if ok.any() else float("nan"),
+        "holds": bool(meas_max <= bound_max * (1 + 1e-6) + 1e-12),
+        "n_free": int(free.sum()),
+        "free_max_abs_err_minus_bound": float(np.max(np.abs(err[free] - r[free])))
+        if free.any()
+        else None,
+    }
+
+
+def _stationary_lanes(opt, problem, config: ExplainConfig, start: int, N: int):
+    """The stationary-flow lanes (exact, simplified where the SDP of a diagonal
+    preconditioner applies), from the central flow's w̄ at ``stationary_from``."""
+    at = config.stationary_from
+    if at is not None and not start <= int(at) < N:
+        raise UsageError(
+            f"the stationary flows would start at step {at}, outside the central flow's "
+            f"steps {start}..{N - 1}"
+        )
+    lanes, skipped = [], {}
+    for form in ("exact", "simplified"):
+        cfg = StationaryConfig(
+            form=form, method=config.stationary_method, substeps=config.stationary_substeps
+        )
+        try:
+            resolve_method(opt, cfg)
+        except UsageError as err:
+            if form == "exact":
+                raise
+            skipped[form] = err.message
+            continue
+
+        def make(w, s, t, cfg=cfg):
+            return StationaryFlow(opt, problem, w, s, t, cfg)
+
+        lanes.append(
+            FlowLane(
+                f"stationary_{form}",
+                make,
+                source="central",
+                start=None if at is None else int(at),
+                compare=("central",),
+                label=f"stationary flow ({form})",
+            )
+        )
+    return lanes, skipped
+
+
+def _flows_report(exp: Experiment, N: int, lanes, skipped: dict, ser: dict) -> dict:
+    """``stationary_flow`` and ``stable_flow`` for report.json (and their series in ``ser``)."""
+    S = exp.series
+
+    def one(name: str) -> dict:
+        trav_key = (
+            f"distance_travelled_{name}"
+            if f"distance_travelled_{name}" in S
+            else "distance_travelled"
+        )
+        trav = float(S[trav_key][N])
+        d_disc = float(S[f"distance_{name}"][N])
+        d_cent = float(S[f"distance_{name}_central"][N])
+        keys = ("loss", "sharpness", "hmean", "trace_P", "n_crit", "penalty_norm", "grad_norm")
+        series = {k: S[f"{k}_{name}"] for k in keys if f"{k}_{name}" in S}
+        series["distance_to_discrete"] = S[f"distance_{name}"]
+        series["distance_to_central"] = S[f"distance_{name}_central"]
+        series["distance_travelled"] = S[trav_key]
+        for k, v in series.items():
+            ser[f"{k}_{name}"] = np.asarray(v)
+        return {
+            "start": int(exp.lane_starts.get(name, exp.flow_start)),
+            "distance_to_discrete": d_disc,
+            "distance_to_central": d_cent,
+            "distance_travelled": trav,
+            "distance_to_discrete_rel": d_disc / trav if trav > 0 else float("nan"),
+            "distance_to_central_rel": d_cent / trav if trav > 0 else float("nan"),
+            "final": {k: float(np.asarray(v)[N]) for k, v in series.items()},
+            "series": {k: json_values(v) for k, v in series.items()},
+        }
+
+    stable = one("stable")
+    if "hmean_stable" in S:
+        stable["series"]["hmean"] = json_values(S["hmean_stable"])
+        ser["hmean_stable"] = np.asarray(S["hmean_stable"])
+    out = {"stable_flow": stable}
+    stat = {}
+    for lane in lanes:
+        form = lane.name.split("_", 1)[1]
+        rep = one(lane.name)
+        proc = exp.procs.get(lane.name)
+        if proc is not None:
+            rep["method"] = proc.method
+            rep["substeps"] = int(proc.cfg.substeps)
+            rep["stats"] = dict(proc.stats)
+            rep["timings"] = dict(proc.timings)
+        stat[form] = rep
+    for form, why in skipped.items():
+        stat[form] = {"skipped": why}
+    out["stationary_flow"] = stat
+    return out

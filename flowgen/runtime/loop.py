@@ -32,6 +32,13 @@ Series recorded (names are part of the output interface):
   ``grad_norm_F``, …), ``sharpness_F`` (measured here unless the flow reports
   it), ``distance_F = ‖w_disc − w_F‖``;
 * ``distance_travelled = ‖w_disc − w_disc(S)‖`` from ``S`` on.
+
+A lane may start from another lane instead of the discrete run
+(``FlowLane(source="central")``, e.g. the stationary flows, which start from the
+central flow's ``w̄``) and at its own step (``FlowLane(start=T)``, default: when
+its source starts). It then also records ``distance_travelled_<name>`` (the
+discrete run's distance from its own start) and, for every lane named in
+``compare``, ``distance_<name>_<other> = ‖w_name − w_other‖``.
 """
 
 from __future__ import annotations
@@ -172,6 +179,9 @@ class FlowLane:
       measure_sharpness: measure ``λ_max(P⁻¹H)`` here every ``eig_every`` steps
         (False when the process reports ``sharpness`` itself).
       label: phase label for progress and timings.
+      source: the process it starts from: ``"discrete"`` or another lane's name.
+      start: the step it starts at (None: when its source starts, or at the flows' start).
+      compare: lanes whose distance to this one is recorded (``distance_<name>_<other>``).
     """
 
     name: str
@@ -179,6 +189,9 @@ class FlowLane:
     rename: dict = field(default_factory=dict)
     measure_sharpness: bool = False
     label: str = ""
+    source: str = "discrete"
+    start: int | None = None
+    compare: tuple[str, ...] = ()
 
 
 def _tree_rows(tree, j):
@@ -270,6 +283,14 @@ class Experiment:
         self.opt, self.problem = opt, problem
         self.N, self.chunk, self.eig_every = int(steps), int(chunk), int(eig_every)
         self.flows = {lane.name: lane for lane in flows}
+        for lane in flows:
+            if lane.source != "discrete" and lane.source not in self.flows:
+                raise UsageError(f"flow `{lane.name}` starts from `{lane.source}`, not a flow here")
+            if lane.start is not None and lane.start >= steps:
+                raise UsageError(
+                    f"flow `{lane.name}` would start at step {lane.start}, at or after the last "
+                    f"step {steps}"
+                )
         self.mode = "auto" if start == "auto" else ("common" if start is None else "fixed")
         self.eos_frac, self.eos_delay = float(eos_frac), int(eos_delay)
         self.hmean = hmean and opt.has_precond  # no effective step: no harmonic mean
@@ -321,6 +342,9 @@ class Experiment:
                 self.meters[name] = SharpnessMeter(self.opt, self.problem)
         self.w_start = None
         self.s_start = None
+        self.lane_starts: dict[str, int] = {}  # lanes started, with their start step
+        self.lane_w0: dict[str, tuple] = {}  # lanes started: (w, state) they started from
+        self.lane_wdisc: dict[str, jax.Array] = {}  # lanes started: the discrete w there
         self.series.put("loss_discrete", 0, float(self.problem.loss(self.problem.w0)))
         self.series.put(
             "grad_norm_discrete",
@@ -345,6 +369,7 @@ class Experiment:
             "restart_at": self.restart_at,
             "eos_start": self.eos_start,
             "lanes": sorted(self.procs),
+            "lane_starts": self.lane_starts,
             "timings": self.timings,
         }
         arrays = self.series.snapshot()
@@ -356,6 +381,10 @@ class Experiment:
         if self.w_start is not None:
             arrays["start/w"] = np.asarray(self.w_start)
             arrays.update(_flatten("start/state/", self.s_start))
+        for name, (w0, s0) in self.lane_w0.items():
+            arrays[f"lanestart/{name}/w"] = np.asarray(w0)
+            arrays[f"lanestart/{name}/wdisc"] = np.asarray(self.lane_wdisc[name])
+            arrays.update(_flatten(f"lanestart/{name}/state/", s0))
         self.store.save(state, arrays)
 
     def _load(self) -> None:
@@ -378,39 +407,101 @@ class Experiment:
         if "start/w" in arrays:
             self.w_start = jnp.asarray(arrays["start/w"])
             self.s_start = _unflatten("start/state/", arrays)
+        starts = {k: int(v) for k, v in state.get("lane_starts", {}).items()}
         for name in state["lanes"]:
             if name not in self.flows:
                 raise UsageError(f"--resume: the checkpoint has a flow `{name}` this run does not")
-            proc = self.flows[name].make(self.w_start, self.s_start, int(self.start))
+            if f"lanestart/{name}/w" in arrays:
+                w0 = jnp.asarray(arrays[f"lanestart/{name}/w"])
+                s0 = _unflatten(f"lanestart/{name}/state/", arrays)
+                self.lane_wdisc[name] = jnp.asarray(arrays[f"lanestart/{name}/wdisc"])
+            else:  # a checkpoint from before lanes had their own start
+                w0, s0 = self.w_start, self.s_start
+                self.lane_wdisc[name] = self.w_start
+            at = starts.get(name, int(self.start))
+            proc = self.flows[name].make(w0, s0, at)
             _restore(proc, _sub(f"lane/{name}/", arrays))
             self.procs[name] = proc
+            self.lane_starts[name] = at
+            self.lane_w0[name] = (w0, s0)
 
     # -------------------------------------------------------------------- run
 
     def _tick(self, key: str, tic: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - tic
 
-    def _start_flows(self) -> None:
-        """Start every flow from the discrete iterate and state at ``self.t``."""
-        self.w_start, self.s_start = self.discrete.w, dict(self.discrete.state)
-        for name, lane in self.flows.items():
-            tic = time.perf_counter()
-            self.procs[name] = lane.make(self.w_start, self.s_start, self.t)
-            self._tick(f"{name}_s", tic)
-        self.series.put("distance_travelled", self.t, 0.0)
-        for name, proc in self.procs.items():
-            self.series.put(f"distance_{name}", self.t, 0.0)
-            self.series.put(f"loss_{name}", self.t, self.series["loss_discrete"][self.t])
-            if hasattr(proc, "observe"):  # the flow's own record at its start
+    def _lane_start(self, name: str) -> int | None:
+        """The step lane ``name`` starts at (None: not known yet)."""
+        lane = self.flows[name]
+        if lane.start is not None:
+            return lane.start
+        if lane.source == "discrete":
+            return self.start
+        return self.lane_starts.get(lane.source)
+
+    def _start_due(self) -> None:
+        """Start the flows due at ``self.t``: from the discrete iterate and state (the
+        flows' start ``S``), or from their source lane's current values."""
+        if self.t >= self.N or self.start is None:
+            return
+        if self.start == self.t and self.w_start is None:
+            self.w_start, self.s_start = self.discrete.w, dict(self.discrete.state)
+            self.series.put("distance_travelled", self.t, 0.0)
+        started = True
+        while started:  # a lane may start from a lane started just now
+            started = False
+            for name, lane in self.flows.items():
+                if name in self.procs or self._lane_start(name) != self.t:
+                    continue
+                if self.t < self.start:
+                    raise UsageError(
+                        f"flow `{name}` would start at step {self.t}, before the flows' start "
+                        f"{self.start}"
+                    )
+                if lane.source == "discrete":
+                    w0, s0 = self.discrete.w, dict(self.discrete.state)
+                elif lane.source in self.procs:
+                    src = self.procs[lane.source]
+                    w0, s0 = src.w, dict(src.state)
+                else:
+                    continue
                 tic = time.perf_counter()
-                r = rows_of(proc.observe(), self.t)
-                self._record_lane(name, r, self.discrete.w[None], self.t)
+                self.procs[name] = lane.make(w0, s0, self.t)
                 self._tick(f"{name}_s", tic)
+                self.lane_starts[name] = self.t
+                self.lane_w0[name] = (w0, s0)
+                self.lane_wdisc[name] = self.discrete.w
+                started = True
+                gap = float(jnp.linalg.norm(w0 - self.discrete.w))
+                loss0 = (
+                    self.series["loss_discrete"][self.t]
+                    if lane.source == "discrete"
+                    else float(self.problem.loss(w0))
+                )
+                self.series.put(f"distance_{name}", self.t, gap)
+                self.series.put(f"loss_{name}", self.t, loss0)
+                proc = self.procs[name]
+                if hasattr(proc, "observe"):  # the flow's own record at its start
+                    tic = time.perf_counter()
+                    r = rows_of(proc.observe(), self.t)
+                    self._record_lane(name, r, self.discrete.w[None], self.t, {})
+                    self._tick(f"{name}_s", tic)
+                if self.t != self.start:
+                    self.series.put(f"distance_travelled_{name}", self.t, 0.0)
+        for name, lane in self.flows.items():  # the lanes a new lane compares with, at its start
+            for other in lane.compare:
+                if name in self.procs and other in self.procs and self.lane_starts[name] == self.t:
+                    d = float(jnp.linalg.norm(self.procs[name].w - self.procs[other].w))
+                    self.series.put(f"distance_{name}_{other}", self.t, d)
 
     def _next_chunk(self) -> int:
         K = min(self.chunk, self.N - self.t)
         if self.start is not None and self.start > self.t:
             K = min(K, self.start - self.t)
+        for name in self.flows:  # stop where a lane starts
+            at = self._lane_start(name)
+            if name not in self.procs and at is not None and at > self.t:
+                K = min(K, at - self.t)
         if self.mode == "auto" and self.start is None and self.pass_ == 1:
             K = min(K, max(self.eos_delay, 1))  # never step past a restart found in this chunk
         return K
@@ -423,12 +514,10 @@ class Experiment:
         elif self.resume:
             self.store.load()  # raises the "no checkpoint" error
         while True:
-            if self.start == self.t and not self.procs and self.t < self.N:
-                self._start_flows()
+            self._start_due()
             while self.t < self.N:
                 self._step(self._next_chunk())
-                if self.start == self.t and not self.procs and self.t < self.N:
-                    self._start_flows()
+                self._start_due()
                 self._save()
                 if self.should_stop():
                     raise Interrupted(self.t, self.store.directory if self.store else None)
@@ -444,6 +533,11 @@ class Experiment:
             key = f"distance_{name}"
             if not np.isfinite(self.series[key][self.N]):
                 self.series.put(key, self.N, float(jnp.linalg.norm(self.discrete.w - proc.w)))
+            for other in self.flows[name].compare:
+                key = f"distance_{name}_{other}"
+                if other in self.procs and not np.isfinite(self.series[key][self.N]):
+                    d = float(jnp.linalg.norm(self.procs[other].w - proc.w))
+                    self.series.put(key, self.N, d)
 
     def _step(self, K: int) -> None:
         t0, N = self.t, self.N
@@ -506,24 +600,55 @@ class Experiment:
                 d.steps,
                 np.asarray(jnp.linalg.norm(d.w - self.w_start[None], axis=1)),
             )
+        for name, at in self.lane_starts.items():
+            if at != self.start:
+                ser.put(
+                    f"distance_travelled_{name}",
+                    d.steps,
+                    np.asarray(jnp.linalg.norm(d.w - self.lane_wdisc[name][None], axis=1)),
+                )
+        full = self._full_rows(rows, w_before, t0)
         for name, r in rows.items():
             if name != "discrete":
-                self._record_lane(name, r, W, t0)
+                self._record_lane(name, r, W, t0, full)
 
-    def _record_lane(self, name: str, r: Rows, W, t0: int) -> None:
+    def _record_lane(self, name: str, r: Rows, W, t0: int, full: dict) -> None:
         """A flow's rows: its series, its distance to the discrete iterate ``W[step - t0]``
-        and, for the central flow, Σ measured along its top critical direction."""
+        and to the lanes it compares with (``full``), and, for the central flow, Σ
+        measured along its top critical direction."""
         ser, lane = self.series, self.flows[name]
         for key, vals in r.series.items():
             ser.put(lane.rename.get(key, f"{key}_{name}"), r.steps, vals)
         Wd = W[r.steps - t0]
         ser.put(f"distance_{name}", r.steps, np.asarray(jnp.linalg.norm(Wd - r.w, axis=1)))
+        for other in lane.compare:
+            if other in full:
+                Wo = full[other][r.steps - t0]
+                ok = np.asarray(jnp.all(jnp.isfinite(Wo), axis=1))
+                dist = np.where(ok, np.asarray(jnp.linalg.norm(Wo - r.w, axis=1)), np.nan)
+                ser.put(f"distance_{name}_{other}", r.steps[ok], dist[ok])
         if "q1" in r.extra and "sigma_pred" in r.series:
             # Σ measured along the top critical direction: ⟨δ, u₁⟩² in P's metric
             delta = (Wd - r.w) / jnp.sqrt(jnp.asarray(r.extra["p"]))
             meas = np.asarray(jnp.sum(delta * jnp.asarray(r.extra["q1"]), axis=1) ** 2)
             meas = np.where(np.isfinite(r.series["sigma_pred"]), meas, np.nan)
             ser.put("sigma_meas", r.steps, meas)
+
+    def _full_rows(self, rows: dict[str, Rows], w_before: dict, t0: int) -> dict:
+        """Each process's iterate at ``t0 … t0+K`` as a ``(K+1, n)`` array (NaN rows
+        where a lane has no value: before it started)."""
+        K = self.t - t0
+        out = {}
+        for name, r in rows.items():
+            if name == "discrete":
+                continue
+            W = jnp.full((K + 1, r.w.shape[1]), jnp.nan)
+            if name in w_before:
+                W = W.at[0].set(w_before[name])
+            W = W.at[r.steps - t0].set(r.w)
+            W = W.at[K].set(self.procs[name].w)
+            out[name] = W
+        return out
 
     # ------------------------------------------------------------- reporting
 
