@@ -111,6 +111,8 @@ class OptFile:
         restart_at=None,
         problem_options=None,
         substeps: int = 4,
+        chunk: int = 25,
+        eig_every: int = 1,
         progress=None,
         out=None,
         resume: bool = False,
@@ -128,7 +130,11 @@ class OptFile:
         prob = _problem(problem, problem_options)
         opt = self.optimizer(**hyper)
         cfg = ValidateConfig(
-            steps=steps, restart_at=restart_at, central=CentralConfig(substeps=substeps)
+            steps=steps,
+            restart_at=restart_at,
+            chunk=chunk,
+            eig_every=eig_every,
+            central=CentralConfig(substeps=substeps),
         )
         store = _store(out, "validate", opt, prob, cfg)
         res = validate(opt, prob, cfg, progress=progress, store=store, resume=resume)

@@ -58,19 +58,24 @@ def eos_point(small):
 
 
 def test_rmsprop_form_detection():
+    """The derivation's classification (FlowSpec.stationary), read by the runtime."""
     form, why = rmsprop_form(load_opt("rmsprop", lr=3e-4, eps=1e-8))
-    assert why == "" and form.state == "v"
+    assert why == "" and form.state == "v" and form.kind == "exact"
     assert form.lr == pytest.approx(3e-4, rel=1e-12) and form.eps == pytest.approx(1e-8, rel=1e-9)
+    assert form.threshold == 2.0 and form.shape == "diagonal"
     form, why = rmsprop_form(load_opt("gd"))
     assert form is None and "no slow preconditioner state" in why
-    form, why = rmsprop_form(load_opt("scalar_rmsprop"))
-    assert form is None and "scalar" in why
+    form, why = rmsprop_form(load_opt("scalar_rmsprop"))  # one v for all coordinates
+    assert why == "" and form.shape == "scalar" and form.kind == "exact"
+    # Adam: eps outside the root and bias correction, so the SDP holds in the limit only
     form, why = rmsprop_form(load_opt("adam", eps=1e-8), t=10)
-    assert form is None and "affine" in why  # eps outside the square root
-    b1, b2, lr, t = 0.9, 0.99, 3e-3, 10.0
-    form, why = rmsprop_form(load_opt("adam", eps=0.0, lr=lr, beta1=b1, beta2=b2), t=t)
-    assert form is not None, why
-    assert form.lr == pytest.approx(lr * np.sqrt(1 - b2**t) / (1 - b1**t), rel=1e-10)
+    assert why == "" and form.kind == "asymptotic" and form.threshold == pytest.approx(38.0)
+    assert any("eps" in lim for lim in form.limits)
+    assert any("beta2**t" in lim for lim in form.limits)
+    lr = 3e-3
+    form, why = rmsprop_form(load_opt("adam", eps=0.0, lr=lr, beta1=0.9, beta2=0.99), t=10)
+    assert form.kind == "asymptotic" and not any("eps" in lim for lim in form.limits)
+    assert form.lr == pytest.approx(lr, rel=1e-12)  # the limit form √ν/η
 
 
 # ---------------------------------------------------------------- (a) agreement, fast

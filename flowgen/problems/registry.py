@@ -51,7 +51,8 @@ class Entry:
         suggested: hyperparameters at which the optimizers of ``optimizers/``
             reach the edge of stability on the defaults: ``{"steps": N,
             "gd": {"lr": ...}, "rmsprop": {...}, "adam": {...}}``, each a
-            ``--set`` dictionary.
+            ``--set`` dictionary; ``"steps_<optimizer>"`` overrides ``steps``
+            for one optimizer (the edge is reached at different steps).
         eos_step: the measured step at which each suggested run first reaches
             0.95 × its threshold (``{"gd": 120, ...}``).
         alias_of: for an alias, the name of the entry it repeats.
@@ -89,7 +90,8 @@ REGISTRY: dict[str, Entry] = _entries(
           eos_step={"gd": 200}),
     Entry("mlp", "mlp", "mlp", "digits",
           "fully connected tanh network 54→32→32→4, small init",
-          suggested={"steps": 1000, "gd": {"lr": 0.4},
+          suggested={"steps": 1000, "steps_gd": 500, "steps_rmsprop": 900,
+                     "steps_adam": 1200, "gd": {"lr": 0.4},
                      "rmsprop": {"lr": 3e-4, "beta2": 0.99},
                      "adam": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.99}},
           eos_step={"gd": 16, "rmsprop": 367, "adam": 735}),
@@ -97,17 +99,35 @@ REGISTRY: dict[str, Entry] = _entries(
           "the mlp under its historical name (same defaults and w0)",
           alias_of="mlp"),
     Entry("cnn", "cnn", "cnn", "digits",
-          "convolutions 3×3 with tanh and 2×2 average pooling, linear readout"),
+          "convolutions 3×3 with tanh and 2×2 average pooling, linear readout",
+          suggested={"steps": 800, "steps_gd": 600, "gd": {"lr": 0.8},
+                     "rmsprop": {"lr": 1e-3, "beta2": 0.99},
+                     "adam": {"lr": 5e-3, "beta1": 0.9, "beta2": 0.99}},
+          eos_step={"gd": 101, "rmsprop": 260, "adam": 330}),
     Entry("resnet", "resnet", "resnet", "digits",
-          "pre-activation residual blocks with group norm, mean-pooled"),
+          "pre-activation residual blocks with group norm, mean-pooled",
+          suggested={"steps": 850, "steps_gd": 500, "gd": {"lr": 0.4},
+                     "rmsprop": {"lr": 2e-4, "beta2": 0.99}},
+          eos_step={"gd": 30, "rmsprop": 390}),
     Entry("vit", "vit", "vit", "digits",
-          "vision transformer on 4×4 patches, pre-norm, mean-pooled"),
+          "vision transformer on 4×4 patches, pre-norm, mean-pooled",
+          suggested={"steps": 850, "steps_gd": 500, "gd": {"lr": 0.2},
+                     "rmsprop": {"lr": 3e-4, "beta2": 0.99}},
+          eos_step={"gd": 40, "rmsprop": 410}),
     Entry("lstm", "lstm", "lstm", "sorting",
-          "LSTM reading the sequence, predicting the sorted half"),
+          "LSTM reading the sequence, predicting the sorted half",
+          suggested={"steps": 600, "steps_gd": 900, "gd": {"lr": 0.4},
+                     "rmsprop": {"lr": 1e-3, "beta2": 0.99}},
+          eos_step={"gd": 430, "rmsprop": 90}),
     Entry("transformer", "transformer", "transformer", "sorting",
-          "causal pre-norm transformer, predicting the sorted half"),
+          "causal pre-norm transformer, predicting the sorted half",
+          suggested={"steps": 1000, "steps_gd": 800, "gd": {"lr": 0.15},
+                     "rmsprop": {"lr": 1e-4, "beta2": 0.99}},
+          eos_step={"gd": 330, "rmsprop": 580}),
     Entry("mamba", "mamba", "mamba", "sorting",
-          "selective state-space model (Mamba blocks, lax.scan), predicting the sorted half"),
+          "selective state-space model (Mamba blocks, lax.scan), predicting the sorted half",
+          suggested={"steps": 700, "gd": {"lr": 0.3}},
+          eos_step={"gd": 240}),
 )
 # fmt: on
 

@@ -183,6 +183,7 @@ def validate(
         "stable_s": t.get("stable_s", 0.0),
         "central_split": dict(central.timings) if central is not None else {},
         "central_per_step_s": t.get("central_s", 0.0) / max(N - start, 1),
+        "total_s": float(sum(t.values())),  # every process and measurement, resumes included
     }
     return ValidationResult(
         optimizer=opt.name,
