@@ -90,6 +90,7 @@ def row_from_report(arch: str, opt: str, rep: dict) -> dict:
         "optimizer": opt,
         "hyper": hyper,
         "steps": rep["config"]["steps"],
+        "substeps": rep["config"]["central"]["substeps"],
         "params": get_problem(arch).n,
         "threshold": rep["threshold"],
         "eos_start": rep["eos_start"],
@@ -98,7 +99,10 @@ def row_from_report(arch: str, opt: str, rep: dict) -> dict:
         "stable_distance_rel": sm["stable_distance_rel"],
         "loss_pred_rel_err": sm["loss_pred_rel_err"],
         "verdict": sm["verdict"],
-        "wall_s": tm.get("total_s"),
+        "wall_s": tm.get("total_s")
+        or sum(
+            tm.get(k, 0.0) for k in ("discrete_s", "discrete_sharpness_s", "central_s", "stable_s")
+        ),
         "timings": tm,
         # for the grid figure (every step; a few thousand numbers per run)
         "series": {
@@ -120,18 +124,18 @@ def row_from_report(arch: str, opt: str, rep: dict) -> dict:
 def table_md(rows: list[dict]) -> str:
     head = (
         "| architecture | optimizer | hyperparameters | params | eos_start | restart "
-        "| central dist. | stable dist. | loss err. | verdict | wall |\n"
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|\n"
+        "| central dist. | stable dist. | loss err. | verdict | wall | substeps |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|\n"
     )
     lines = []
     for r in rows:
         hyper = ", ".join(f"{k} {v:g}" for k, v in r["hyper"].items())
-        wall = f"{r['wall_s']:.0f} s" if r["wall_s"] else "—"
+        wall = f"{r['wall_s']:.0f} s" if r["wall_s"] else "—"  # on shared cores
         lines.append(
             f"| {r['architecture']} | {r['optimizer']} | {hyper} | {r['params']:,} "
             f"| {r['eos_start']} | {r['restart_at']} | {r['central_distance_rel']:.3f} "
             f"| {r['stable_distance_rel']:.3f} | {100 * r['loss_pred_rel_err']:.1f} % "
-            f"| {r['verdict']} | {wall} |"
+            f"| {r['verdict']} | {wall} | {r.get('substeps', '')} |"
         )
     return head + "\n".join(lines) + "\n"
 

@@ -110,7 +110,7 @@ class OptFile:
         *,
         restart_at=None,
         problem_options=None,
-        substeps: int = 4,
+        substeps: int | None = None,
         chunk: int = 25,
         eig_every: int = 1,
         progress=None,
@@ -134,7 +134,7 @@ class OptFile:
             restart_at=restart_at,
             chunk=chunk,
             eig_every=eig_every,
-            central=CentralConfig(substeps=substeps),
+            central=CentralConfig() if substeps is None else CentralConfig(substeps=substeps),
         )
         store = _store(out, "validate", opt, prob, cfg)
         res = validate(opt, prob, cfg, progress=progress, store=store, resume=resume)
@@ -151,7 +151,7 @@ class OptFile:
         *,
         restart_at=None,
         problem_options=None,
-        substeps: int = 4,
+        substeps: int = 2,
         default_form: bool = True,
         stationary_flow: bool = False,
         stationary_from: int | None = None,

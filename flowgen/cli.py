@@ -288,7 +288,7 @@ def cmd_validate(args) -> int:
         restart_at=restart,
         chunk=args.chunk,
         eig_every=args.eig_every or 1,
-        central=CentralConfig(substeps=args.substeps),
+        central=CentralConfig() if args.substeps is None else CentralConfig(substeps=args.substeps),
     )
     out = Path(args.out or f"runs/validate-{opt.name}-{problem.name}")
     res = _with_phases(validate, opt, problem, cfg, command="validate", out=out, resume=args.resume)
@@ -326,7 +326,7 @@ def cmd_explain(args) -> int:
     cfg = ExplainConfig(
         steps=args.steps,
         restart_at=restart,
-        substeps=args.substeps,
+        substeps=args.substeps or ExplainConfig.substeps,
         eig_every=args.eig_every or 5,
         chunk=args.chunk,
         relax_tol=args.relax_tol,
@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="restart both flows from the discrete iterate at step T (auto: 100 steps "
         "after the edge of stability)",
     )
-    p.add_argument("--substeps", type=int, default=4, help="Euler substeps per step")
+    p.add_argument("--substeps", type=int, default=None, help="Euler substeps per step (default 2)")
     p.add_argument("--strict", action="store_true", help="exit 1 unless the verdict is pass")
     p.set_defaults(func=cmd_validate)
 
@@ -458,7 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the central flow from the discrete iterate at step T (default: the "
         "common start)",
     )
-    p.add_argument("--substeps", type=int, default=4, help="Euler substeps per step (the run)")
+    p.add_argument(
+        "--substeps", type=int, default=None, help="Euler substeps per step (the run; default 2)"
+    )
     p.add_argument(
         "--relax-tol",
         type=float,

@@ -59,7 +59,7 @@ __all__ = ["ExplainConfig", "Explanation", "explain", "sdp_bound"]
 class ExplainConfig:
     steps: int = 600  # run the discrete optimizer and the central flow to this step
     restart_at: int | None = None  # central flow from the discrete iterate here (None: start)
-    substeps: int = 4  # central flow (the run): Euler substeps per step
+    substeps: int = 2  # central flow (the run): Euler substeps per step (CentralConfig's)
     eig_every: int = 5  # discrete effective sharpness every K steps
     chunk: int = 25
     relax_tol: float = 1e-7

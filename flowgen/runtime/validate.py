@@ -62,6 +62,8 @@ class ValidateConfig:
     eos_frac: float = 0.95  # edge of stability: sharpness >= eos_frac * c
     auto_delay: int = 100  # restart "auto": this many steps after eos_start
     central: CentralConfig = field(default_factory=CentralConfig)
+    stable_rtol: float = 1e-6  # the stable flow's step-size control (RMS of err/(atol+rtol|y|))
+    stable_atol: float = 1e-9
 
 
 @dataclass
@@ -146,7 +148,11 @@ def validate(
             },
         ),
         FlowLane(
-            "stable", lambda w, s, t: StableFlow(opt, problem, w, s, t), measure_sharpness=True
+            "stable",
+            lambda w, s, t: StableFlow(
+                opt, problem, w, s, t, rtol=config.stable_rtol, atol=config.stable_atol
+            ),
+            measure_sharpness=True,
         ),
     )
     exp = Experiment(
