@@ -56,9 +56,9 @@ import numpy as np
 
 from flowgen.errors import SimulationError, UsageError
 from flowgen.precision import in_float64
+from flowgen.problems import Problem
 from flowgen.runtime import derivatives, eigen
 from flowgen.runtime.optimizer import Optimizer
-from flowgen.runtime.problems import Problem
 from flowgen.runtime.stationary import (
     KKTPoint,
     PrecondForm,
