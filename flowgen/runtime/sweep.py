@@ -26,8 +26,10 @@ same code (the derivation may specialise on a value: then they are not) and trac
 succeeds; otherwise one after the other. ``sweep.json`` says which, and why.
 
 **Flows** (``flows`` ⊃ ``central`` or ``stationary``): each run is also an
-:class:`~flowgen.runtime.loop.Experiment` with the central flow from the common start
-(and the stationary flows, exact and simplified, from the central flow's ``w̄``);
+:class:`~flowgen.runtime.loop.Experiment` with the central flow from ``flow_start``
+(default ``"auto"``: shortly after the discrete run reaches the edge of stability,
+else from step 1) and the stationary flows (exact and simplified) from the central
+flow's ``w̄`` at the same step; a flow that fails is recorded as ``{"error": ...}``;
 ``flows`` in ``sweep.json`` holds their distances to the discrete run at ``N``,
 relative to the distance the discrete run travelled since the flow's start.
 
@@ -53,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowgen.errors import FlowgenError, UsageError
+from flowgen.errors import FlowgenError, SimulationError, UsageError
 from flowgen.precision import in_float64
 from flowgen.problems import Problem
 from flowgen.runtime import eigen
@@ -87,6 +89,7 @@ class SweepConfig:
     substeps: int = 4  # central flow: Euler substeps per step
     stationary_substeps: int = 2
     eig_tol: float = 1e-7
+    flow_start: int | str | None = "auto"  # the flows' start: a step, auto (EoS), None (1)
 
 
 @dataclass
@@ -350,7 +353,7 @@ def _run_group(
         for b in range(B):
             if not np.all(np.isfinite(series[b]["loss"][steps])):
                 bad = int(steps[~np.isfinite(series[b]["loss"][steps])][0])
-                raise FlowgenError(
+                raise SimulationError(
                     f"sweep: {opts[b].name} at {_fmt_hyper(opts[b].hyper)}: the loss is NaN or "
                     f"infinite at step {bad}",
                     hint="drop that value, or lower the learning rate",
@@ -403,7 +406,6 @@ def _flows_of(
     """The central (and stationary) flows of one run: their distances at ``N`` and series."""
     from flowgen.runtime.central import CentralConfig, CentralFlow
     from flowgen.runtime.explain import ExplainConfig, _stationary_lanes
-    from flowgen.runtime.loop import default_start
 
     N = int(config.steps)
     ccfg = CentralConfig(substeps=config.substeps)
@@ -417,14 +419,14 @@ def _flows_of(
     skipped = {}
     if "stationary" in config.flows:
         ecfg = ExplainConfig(steps=N, stationary_substeps=config.stationary_substeps)
-        stat, skipped = _stationary_lanes(opt, problem, ecfg, default_start(opt), N)
+        stat, skipped = _stationary_lanes(opt, problem, ecfg, 0, N)
         lanes.extend(stat)
     exp = Experiment(
         opt,
         problem,
         steps=N,
         flows=tuple(lanes),
-        start=None,
+        start=config.flow_start,
         chunk=config.chunk,
         eig_every=config.eig_every,
         store=store,
@@ -576,7 +578,10 @@ def sweep(
             rec = _record(fname, opts[j], h, sets, results[j], mode)
             if any(fl in config.flows for fl in ("central", "stationary")):
                 store = _group_store(outdir, f"flows-{nm}", [opts[j]], problem, config)
-                fl, fser = _flows_of(opts[j], problem, config, store, resume, prog, stop, nm)
+                try:
+                    fl, fser = _flows_of(opts[j], problem, config, store, resume, prog, stop, nm)
+                except SimulationError as err:  # the run's flows failed; the sweep goes on
+                    fl, fser = {"error": err.message}, {}
                 rec["flows"] = fl
                 rec["series"].update({k: json_values(v) for k, v in fser.items()})
             rec = _jsonable(rec)

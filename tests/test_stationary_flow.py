@@ -1,0 +1,152 @@
+"""The stationary flow (issue 9, part 1) and the asymptotic SDP bound (part 2), on small problems.
+
+* the exact stationary flow (Newton on the SDP's KKT system along the way) against a
+  brute-force reference: the slow state and Σ relaxed to convergence with ``w̄`` frozen
+  at every Euler substep, then a step of ``−P*⁻¹[∇L + ½∇⟨H,Σ*⟩]``;
+* the implicit ``∇ tr P*`` against central finite differences of ``tr P*(w)``
+  recomputed to a tight KKT residual;
+* the asymptotic SDP bound (bias-corrected RMSProp, ε outside the root) where it is
+  attained: early in the run, when ``1 − β₂ᵗ`` is far from 1.
+
+The problem is the 20-parameter quadratic of the zoo (its quartic term makes the
+Hessian vary, so ``∇⟨H,Σ*⟩ ≠ 0``), at the edge of stability of RMSProp with
+``β₂ = 0.5``: the stationary flow does not depend on ``β₂`` (``ν* = E[g]² + Var[g]``),
+and ``β₂ = 0.5`` relaxes in a few units, which keeps the reference fast.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT
+
+import flowgen
+from flowgen.problems import quadratic
+from flowgen.runtime.explain import sdp_bound
+from flowgen.runtime.processes import DiscreteProcess, SharpnessMeter
+from flowgen.runtime.stationary import (
+    dead_coordinates,
+    kkt_polish,
+    relax,
+    stationary_form,
+    stationary_sdp,
+    trace_gradient,
+)
+from flowgen.runtime.stationary_flow import StationaryConfig, StationaryFlow
+
+
+def load_opt(name, **hyper):
+    return flowgen.load(ROOT / "optimizers" / f"{name}.opt").optimizer(**hyper)
+
+
+@pytest.fixture(scope="module")
+def quad():
+    return quadratic(n=20)
+
+
+@pytest.fixture(scope="module")
+def eos(quad):
+    """RMSProp (lr 3e-3, β₂ 0.5) on the quadratic, run to its edge of stability."""
+    opt = load_opt("rmsprop", lr=3e-3, beta2=0.5)
+    disc = DiscreteProcess(opt, quad, quad.w0)
+    meter = SharpnessMeter(opt, quad)
+    for _ in range(50):
+        disc.advance(10)
+        if meter(disc.w, disc.state, disc.t + 1) >= opt.threshold:
+            break
+    else:
+        pytest.fail("RMSProp never reached the edge of stability on the quadratic")
+    return opt, disc.w, disc.state, disc.t
+
+
+def reference_flow(opt, problem, w, state, t, steps, substeps):
+    """The brute force: relax to convergence at every substep, then an Euler step."""
+    dt = 1.0 / substeps
+    w = jnp.asarray(w)
+    for j in range(steps * substeps):
+        rel = relax(
+            opt, problem, w, state, t + j * dt, tol=1e-9, max_units=2000, substeps=4, eig_tol=1e-7
+        )
+        assert rel.converged
+        w = w - dt * jnp.asarray(rel.p * rel.Eg)  # −P*⁻¹ [∇L + ½∇⟨H,Σ*⟩]
+        state = {k: jnp.asarray(v) for k, v in rel.states.items()}
+    return np.asarray(w), rel
+
+
+def test_exact_stationary_flow_matches_relaxation_reference(quad, eos):
+    opt, w0, s0, t0 = eos
+    steps, S = 2, 2
+    flow = StationaryFlow(opt, quad, w0, s0, t0, StationaryConfig(form="exact", substeps=S))
+    assert flow.method == "kkt"
+    chunk = flow.advance(steps)
+    w_flow = np.asarray(chunk.w[-1])
+    w_ref, rel = reference_flow(opt, quad, w0, s0, t0, steps, S)
+    moved = np.linalg.norm(w_ref - np.asarray(w0))
+    err = np.linalg.norm(w_flow - w_ref) / moved
+    # the penalty matters here: without it the flow goes elsewhere by far more than err
+    no_pen = np.asarray(w0)
+    f2 = StationaryFlow(opt, quad, w0, s0, t0, StationaryConfig(form="exact", substeps=S))
+    for _ in range(steps * S):
+        pt = f2.point()
+        no_pen = no_pen - (1.0 / S) * pt.g / pt.P
+        f2.w, f2._point = jnp.asarray(no_pen), None
+    gap = np.linalg.norm(no_pen - w_ref) / moved
+    print(f"binding {chunk.series['n_crit']}, rel err {err:.3g}, without the penalty {gap:.3g}")
+    assert chunk.series["n_crit"].min() >= 1 and rel.X.shape[0] >= 1
+    assert np.allclose(chunk.series["sharpness"], opt.threshold, rtol=1e-6)
+    assert err < 1e-4
+    assert gap > 100 * err
+    # P* at the end: the KKT point against the relaxed one
+    P_rel = rel.P
+    assert np.max(np.abs(chunk.P[-1] - P_rel) / P_rel) < 1e-4
+
+
+def test_trace_gradient_matches_finite_differences(quad, eos):
+    opt, w0, s0, t0 = eos
+    flow = StationaryFlow(opt, quad, w0, s0, t0, StationaryConfig(form="simplified"))
+    flow.point()
+    kp, form = flow._kkt, flow.form
+    assert kp.k >= 1
+    live = ~dead_coordinates(quad.loss, jnp.asarray(w0))
+    gt, _ = trace_gradient(quad.loss, w0, form, kp)
+
+    def trace_at(w):
+        k = kkt_polish(quad.loss, w, form, kp.P, kp.V, live, tol=1e-13, max_iter=30)
+        assert k.k == kp.k  # the same binding directions on both sides
+        return float(np.sum(k.P[live]))
+
+    rng = np.random.default_rng(0)
+    h = 1e-5
+    for _ in range(3):
+        d = rng.standard_normal(w0.shape[0])
+        d /= np.linalg.norm(d)
+        fd = (trace_at(w0 + h * d) - trace_at(w0 - h * d)) / (2 * h)
+        print(f"directional: implicit {gt @ d:.10g}, central differences {fd:.10g}")
+        assert abs(gt @ d - fd) <= 1e-5 * np.linalg.norm(gt)
+    # and the gradient is not trivially small
+    assert np.linalg.norm(gt) > 1e-3 * np.sum(kp.P)
+
+
+def test_asymptotic_sdp_bound_is_attained_early(quad):
+    """Bias-corrected RMSProp, ε outside the root, at step 8 with β₂ = 0.9: the bias
+    correction 1/(1 − 0.9⁹) ≈ 1.6 is far from 1, so the SDP of the limit form and the
+    optimizer's own stationary point differ, by the bound where the constraint is free."""
+    opt = load_opt("rmsprop_debiased_eps_outside", lr=3e-3, beta2=0.9)
+    form, why = stationary_form(opt)
+    assert form is not None and form.kind == "asymptotic", why
+    disc = DiscreteProcess(opt, quad, quad.w0)
+    disc.advance(8)
+    t = disc.t
+    rel = relax(opt, quad, disc.w, disc.state, t, tol=1e-11, max_units=3000, substeps=4)
+    assert rel.converged
+    sdp = stationary_sdp(
+        quad.loss, disc.w, form.lr, eps=form.eps, threshold=opt.threshold, alpha=form.alpha,
+        const=form.const, tol=1e-9,
+    )  # fmt: skip
+    live = ~sdp.dead
+    b = sdp_bound(form, rel, sdp, live, t=t + 1)
+    print(b)
+    assert b["holds"]
+    assert b["bound_max"] > 0.1  # far from the limit: a real test of the bound
+    assert b["measured_max_rel_err"] >= 0.5 * b["bound_max"]  # tight
+    if b["n_free"]:
+        assert b["free_max_abs_err_minus_bound"] < 1e-4
