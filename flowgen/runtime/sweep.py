@@ -35,7 +35,8 @@ relative to the distance the discrete run travelled since the flow's start.
 
 **Resume.** Every batch (or run) checkpoints after each chunk in
 ``OUT/checkpoints/<name>/`` (:class:`~flowgen.runtime.checkpoint.CheckpointStore`);
-a finished run writes ``OUT/runs/<name>.json`` and is not redone; ``resume=True``
+a finished run writes ``OUT/runs/<name>.json`` (and its final iterate,
+``OUT/runs/<name>.npz``) and is not redone; ``resume=True``
 continues the one in progress from its checkpoint, and the result equals an
 uninterrupted sweep's.
 """
@@ -100,6 +101,7 @@ class SweepResult:
     runs: list[dict]
     batching: list[dict]
     timings: dict = field(default_factory=dict)
+    w_final: dict = field(default_factory=dict)  # run name -> (n,) discrete iterate at N
 
     def to_json(self) -> dict:
         return {
@@ -286,6 +288,10 @@ class SequentialDiscrete:
     def t(self):
         return self.proc.t
 
+    @property
+    def w(self):
+        return self.proc.w
+
     def advance(self, K: int):
         t0 = self.proc.t
         ch = self.proc.advance(K)
@@ -368,6 +374,9 @@ def _run_group(
         progress(label, t, N)
         if should_stop():
             raise Interrupted(t, store.directory if store else None)
+    W = np.asarray(proc.w).reshape(B, -1)  # (B, n) the iterates at N
+    for b in range(B):
+        series[b]["_w"] = W[b]
     return series
 
 
@@ -512,8 +521,10 @@ def sweep(
     if not files:
         raise UsageError("sweep: give at least one .opt file")
     tic = time.perf_counter()
+    if outdir is not None:
+        _check_identity(outdir, files, problem, sets, config, resume)
     combos = combinations(sets)
-    runs, batching = [], []
+    runs, batching, w_final = [], [], {}
     index = 0
     for f in files:
         of = f if isinstance(f, OptFile) else load(f)
@@ -574,8 +585,15 @@ def sweep(
             nm = names[j]
             if nm in done:
                 runs.append(done[nm])
+                npz = outdir / "runs" / f"{nm}.npz"
+                if npz.exists():
+                    with np.load(npz) as z:
+                        w_final[nm] = z["w_final"]
                 continue
+            w_fin = results[j].pop("_w")
+            w_final[nm] = w_fin
             rec = _record(fname, opts[j], h, sets, results[j], mode)
+            rec["name"] = nm
             if any(fl in config.flows for fl in ("central", "stationary")):
                 store = _group_store(outdir, f"flows-{nm}", [opts[j]], problem, config)
                 try:
@@ -587,6 +605,7 @@ def sweep(
             rec = _jsonable(rec)
             if outdir is not None:
                 (outdir / "runs").mkdir(parents=True, exist_ok=True)
+                np.savez(outdir / "runs" / f"{nm}.npz", w_final=w_fin)
                 path = outdir / "runs" / f"{nm}.json"
                 tmp = path.with_name(path.name + ".tmp")
                 tmp.write_text(json.dumps(rec))
@@ -599,7 +618,37 @@ def sweep(
         runs=runs,
         batching=batching,
         timings={"total_s": time.perf_counter() - tic},
+        w_final=w_final,
     )
+
+
+def _check_identity(outdir: Path, files, problem: Problem, sets, config, resume: bool) -> None:
+    """``OUT/sweep-identity.json``: what the sweep is; a resume must match it."""
+    info = getattr(problem, "info", {}) or {}
+    ident = json.loads(
+        json.dumps(
+            {
+                "files": [str(getattr(f, "name", f)) for f in files],
+                "problem": {"name": problem.name, "options": info.get("options", {})},
+                "set": sets,
+                "config": asdict(config),
+            },
+            default=str,
+        )
+    )
+    path = outdir / "sweep-identity.json"
+    if resume and path.exists():
+        old = json.loads(path.read_text())
+        if old != ident:
+            diff = [k for k in ident if old.get(k) != ident[k]]
+            raise UsageError(
+                f"--resume: the sweep in {outdir} is a different run (its {', '.join(diff)} "
+                "differ)",
+                hint="resume with the same files, values, problem and options, or use another "
+                "--out",
+            )
+    outdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ident, indent=1))
 
 
 def _swept(h: dict, sets: dict) -> dict:
