@@ -188,3 +188,38 @@ def test_api_sweep(small, tmp_path):
                         out=tmp_path / "api")  # fmt: skip
     assert [r["swept"] for r in res.runs] == [{"lr": 1e-3}, {"lr": 2e-3}]
     assert (tmp_path / "api" / "sweep.json").exists()
+
+
+@pytest.mark.slow
+def test_sweep_with_the_central_flow():
+    """``--flows central``: the central flow beside the discrete run (GD on the 20-parameter
+    quadratic); its distance to the discrete run equals the loop's own lane's. ~1 min (two
+    central flows compiled)."""
+    from flowgen.problems import quadratic
+    from flowgen.runtime.central import CentralConfig, CentralFlow
+    from flowgen.runtime.loop import Experiment, FlowLane
+
+    quad = quadratic(n=20)
+    gd = str(OPT / "gd.opt")
+    flows = ("discrete", "central")
+    cfg = SweepConfig(steps=12, chunk=6, eig_every=6, flows=flows, flow_start=2)
+    res = sweep([gd], quad, {"lr": [0.01]}, cfg)
+    for r, lr in zip(res.runs, [0.01], strict=True):
+        c = r["flows"]["central"]
+        assert c["start"] == 2
+        assert c["distance_to_discrete_rel"] == pytest.approx(
+            c["distance_to_discrete"] / c["distance_travelled"]
+        )
+        assert len(r["series"]["distance_central"]) == 13
+        opt = flowgen.load(gd).optimizer(lr=lr)
+        lane = FlowLane(
+            "central",
+            lambda w, s, t, opt=opt: CentralFlow(opt, quad, w, s, t, CentralConfig(substeps=4)),
+            rename={"loss_pred": "loss_pred", "n_crit": "n_crit"},
+        )
+        exp = Experiment(opt, quad, steps=12, flows=(lane,), start=2, chunk=6, eig_every=6)
+        exp.run()
+        assert c["distance_to_discrete"] == pytest.approx(
+            float(exp.series["distance_central"][12]), rel=1e-9
+        )
+        assert c["distance_to_discrete"] > 0
