@@ -175,3 +175,18 @@ def test_asymptotic_sdp_bound_is_attained_early(quad):
     assert b["measured_max_rel_err"] >= 0.5 * b["bound_max"]  # tight
     if b["n_free"]:
         assert b["free_max_abs_err_minus_bound"] < 1e-4
+
+
+def test_active_set_failure_falls_back_to_the_sdp():
+    """RMSProp (lr 1e-3, β₂ 0.9) on the 8-parameter quadratic after 600 steps: adding
+    binding directions one by one from the start did not settle (λ_max(P⁻¹H) = 2.30 > 2
+    after four additions, which used to stop the flow); the SDP solved afresh does."""
+    prob = quadratic(n=8)
+    opt = load_opt("rmsprop", lr=1e-3, beta2=0.9)
+    disc = DiscreteProcess(opt, prob, prob.w0)
+    disc.advance(600)
+    flow = StationaryFlow(opt, prob, disc.w, disc.state, disc.t, StationaryConfig())
+    chunk = flow.advance(2)
+    assert chunk.series["n_crit"].min() >= 1
+    assert np.allclose(chunk.series["sharpness"], opt.threshold, rtol=1e-6)
+    assert flow.stats["sdp"] >= 2  # the cold start and the fallback
