@@ -9,11 +9,11 @@ source) → ``runtime`` (problems, eigensolver, SDCP, processes, validation) →
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "OptFile", "__version__"]
+__all__ = ["load", "OptFile", "sweep", "__version__"]
 
 
 def __getattr__(name):  # lazy: `import flowgen` stays light (no JAX on the derive path)
-    if name in ("load", "OptFile"):
+    if name in ("load", "OptFile", "sweep"):
         from flowgen import api
 
         return getattr(api, name)

@@ -7,6 +7,7 @@
 >>> res = opt.run("digits-mlp", steps=200, lr=3e-3)   # discrete + stable flow
 >>> val = opt.validate("digits-mlp", steps=1000, restart_at="auto", lr=3e-3, beta2=0.99)
 >>> ex = flowgen.load("optimizers/rmsprop.opt").explain("digits-mlp", steps=600, lr=3e-4)
+>>> sw = flowgen.sweep(["optimizers/rmsprop.opt"], "digits-mlp", 600, lr=[1e-4, 1e-3])
 """
 
 from __future__ import annotations
@@ -193,6 +194,62 @@ class OptFile:
 
             write_explain(res, Path(out), opt=opt)
         return res
+
+
+def sweep(
+    files,
+    problem="digits-mlp",
+    steps: int = 1000,
+    *,
+    problem_options=None,
+    flows=("discrete",),
+    eig_every: int = 10,
+    chunk: int = 50,
+    batch: str = "auto",
+    substeps: int = 4,
+    flow_start="auto",
+    progress=None,
+    out=None,
+    resume: bool = False,
+    **values,
+):
+    """Every file × every combination of hyperparameter values (``flowgen sweep``).
+
+    ``values`` map a hyperparameter to a value or a list of values, e.g.
+    ``flowgen.sweep(["optimizers/rmsprop.opt"], "digits-mlp", 600, lr=[1e-4, 1e-3],
+    beta2=0.99)``. Returns a ``SweepResult`` (``.runs``: one dict per run, as in
+    sweep.json); with ``out`` also checkpoints there, resumes with ``resume=True`` and
+    writes sweep.json and sweep.png.
+    """
+    from flowgen.runtime.sweep import SweepConfig, parse_sweep_sets
+    from flowgen.runtime.sweep import sweep as run_sweep
+
+    if isinstance(files, str | Path | OptFile):
+        files = [files]
+    items = [
+        f"{k}={','.join(repr(float(x)) for x in (v if isinstance(v, list | tuple) else [v]))}"
+        for k, v in values.items()
+    ]
+    sets = parse_sweep_sets(items)
+    flows = tuple(flows)
+    if "discrete" not in flows:
+        flows = ("discrete", *flows)
+    cfg = SweepConfig(
+        steps=steps,
+        flows=flows,
+        eig_every=eig_every,
+        chunk=chunk,
+        batch=batch,
+        substeps=substeps,
+        flow_start=flow_start,
+    )
+    prob = _problem(problem, problem_options)
+    res = run_sweep(list(files), prob, sets, cfg, out=out, resume=resume, progress=progress)
+    if out is not None:
+        from flowgen.report.sweep import write_sweep
+
+        write_sweep(res, Path(out))
+    return res
 
 
 def _problem(problem, options):

@@ -344,6 +344,56 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from flowgen.report.sweep import sweep_summary, write_sweep
+    from flowgen.runtime.sweep import FLOWS, SweepConfig, parse_sweep_sets, sweep
+
+    _check_counts(args)
+    sets = parse_sweep_sets(args.set)
+    flows = tuple(f.strip() for f in args.flows.split(",") if f.strip())
+    bad = [f for f in flows if f not in FLOWS]
+    if bad or not flows:
+        raise UsageError(
+            f"--flows: `{bad[0] if bad else args.flows}` is not a list of {', '.join(FLOWS)}",
+            hint="e.g. --flows discrete,central",
+        )
+    if "discrete" not in flows:
+        flows = ("discrete", *flows)
+    problem = _problem(args)
+    cfg = SweepConfig(
+        steps=args.steps,
+        flows=flows,
+        eig_every=args.eig_every or 10,
+        chunk=args.chunk,
+        batch=args.batch,
+        substeps=args.substeps,
+        flow_start="auto"
+        if args.flow_start == "auto"
+        else _step_arg(args.flow_start, "--flow-start"),
+    )
+    out = Path(args.out or f"runs/sweep-{problem.name}")
+    tic = time.perf_counter()
+    with _progress(f"sweep on {problem.name}") as prog, _StopOnSigint() as stop:
+        tasks = {}
+
+        def cb(phase, t, n):
+            if phase not in tasks:
+                tasks[phase] = prog.add_task(phase, total=n)
+            prog.update(tasks[phase], completed=t, description=phase)
+
+        res = sweep(
+            args.files, problem, sets, cfg, out=out, resume=args.resume, progress=cb,
+            should_stop=stop,
+        )  # fmt: skip
+    res.timings["wall_s"] = time.perf_counter() - tic
+    write_sweep(res, out, command=sys.argv)
+    if args.json:
+        print(json.dumps(res.to_json(), indent=1))
+    else:
+        sweep_summary(res, out, _console())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="flowgen",
@@ -501,6 +551,41 @@ def build_parser() -> argparse.ArgumentParser:
         "system where the SDP applies, else relaxation)",
     )
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser(
+        "sweep",
+        help="every combination of files and hyperparameter values: final loss, sharpness, "
+        "harmonic mean of the effective step sizes, flows' distances (sweep.json, sweep.png)",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="NAME=V1,V2,...",
+        help="values of a hyperparameter (repeatable; several lists: every combination)",
+    )
+    with_problem(p)
+    p.add_argument(
+        "--flows",
+        default="discrete",
+        help="comma-separated: discrete (always), central, stationary (default: discrete)",
+    )
+    p.add_argument(
+        "--batch",
+        choices=("auto", "vmap", "sequential"),
+        default="auto",
+        help="discrete runs of one file batched with jax.vmap (auto: where the module allows)",
+    )
+    p.add_argument("--substeps", type=int, default=4, help="central flow: Euler substeps per step")
+    p.add_argument(
+        "--flow-start",
+        metavar="T|auto",
+        default="auto",
+        help="the flows start from the discrete iterate at step T (auto: 100 steps after the "
+        "edge of stability, else step 1); the stationary flows from the central flow's there",
+    )
+    p.add_argument("--json", action="store_true", help="print sweep.json's content on stdout")
+    p.set_defaults(func=cmd_sweep)
 
     return ap
 

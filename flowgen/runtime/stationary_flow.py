@@ -247,7 +247,8 @@ class StationaryFlow:
         else:
             P, V = self._from_sdp(w)
             how, used_sdp = "sdp", True
-        for _ in range(self.cfg.max_added + 1):
+        added = 0
+        while True:
             try:
                 kp = kkt_polish(
                     loss, w, self.form, P, V, self.live, floor=floor, tol=self.cfg.kkt_tol
@@ -256,7 +257,7 @@ class StationaryFlow:
                 if used_sdp:
                     raise
                 P, V = self._from_sdp(w)
-                how, used_sdp = how + "+sdp", True
+                how, used_sdp, added = how + "+sdp", True, 0
                 continue
             self.stats["newton"] += kp.iterations
             self.stats["cg"] += kp.cg_steps
@@ -264,6 +265,13 @@ class StationaryFlow:
             self._eig = vecs
             if vals[0] <= c * (1 + self.cfg.bind_tol):
                 return kp, float(vals[0]), how
+            if added >= self.cfg.max_added:
+                if used_sdp:
+                    break
+                # the active set did not settle from the previous point: the SDP afresh
+                P, V = self._from_sdp(w)
+                how, used_sdp, added = how + "+sdp", True, 0
+                continue
             # a direction the stability constraint now binds: add it, small, and rerun
             u = np.where(self.live, vecs[:, 0] / np.sqrt(np.where(kp.P > 0, kp.P, 1.0)), 0.0)
             if kp.k:  # a third of the weakest binding direction's weight
@@ -272,9 +280,12 @@ class StationaryFlow:
                 u *= np.sqrt(0.1 / c) / np.max(np.abs(u))
             P, V = kp.P, np.concatenate([kp.V, u[:, None]], axis=1)
             how += "+dir"
+            added += 1
         raise SimulationError(
             f"stationary flow at t={self.t}: P* violates the stability constraint "
-            f"(λ = {vals[0]:.8g} > c = {c:g}) after adding {self.cfg.max_added} directions"
+            f"(λ = {vals[0]:.8g} > c = {c:g}) after adding {self.cfg.max_added} directions, "
+            "also from the SDP solved afresh",
+            hint="raise sdp_k (the SDP's LMI size) or use --stationary-method sdp",
         )
 
     def _from_sdp(self, w) -> tuple[np.ndarray, np.ndarray]:
