@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=0.4)
     ap.add_argument("--eig-every", type=int, default=5)
+    ap.add_argument("--restart-at", default="auto", help="T or auto (100 steps after the edge)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "million"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
             "mlp",
             problem_options=opts,
             steps=args.steps,
-            restart_at="auto",
+            restart_at=args.restart_at if args.restart_at == "auto" else int(args.restart_at),
             eig_every=args.eig_every,
             out=out,
             resume=(out / "checkpoint.npz").exists(),

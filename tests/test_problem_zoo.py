@@ -334,10 +334,14 @@ def test_every_entry_is_complete():
             assert {"n", "criterion", "seed"} <= set(defaults)
             assert defaults["criterion"] == "mse"
         if entry.alias_of is None and name != "quadratic":
+            # suggestions are measured (benchmarks/problems.py eos): an optimizer is listed
+            # only where a setting reaching and holding the edge was found
             sug = entry.suggested
-            assert {"gd", "rmsprop", "adam", "steps"} <= set(sug), name
-            assert set(entry.eos_step) == {"gd", "rmsprop", "adam"}
-            assert all(0 < entry.eos_step[k] < sug["steps"] for k in entry.eos_step)
+            opts = set(sug) & {"gd", "rmsprop", "adam"}
+            assert "gd" in opts and "steps" in sug, name
+            assert set(entry.eos_step) == opts, name
+            for k in opts:
+                assert 0 < entry.eos_step[k] < sug.get(f"steps_{k}", sug["steps"]), (name, k)
 
 
 def test_digits_mlp_is_mlp_under_its_old_name():
@@ -365,7 +369,7 @@ def test_cli_problems_json(capsys):
         assert 500 <= item["n_params"] <= 20000
         assert item["options"]["criterion"] == "mse"
         assert item["data"] in ("digits", "sorting")
-        assert {"gd", "rmsprop", "adam"} <= set(item["suggested"])
+        assert "gd" in item["suggested"] and set(item["eos_step"]) <= set(item["suggested"])
     assert "path/to/file.py:function" in out["user_problems"]
 
 

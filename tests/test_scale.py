@@ -19,6 +19,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import ROOT
 
 import flowgen
@@ -108,6 +109,7 @@ def _series(report: dict) -> dict[str, np.ndarray]:
     }
 
 
+@pytest.mark.slow  # two subprocesses, each compiling the whole validate (minutes)
 def test_four_devices_give_the_one_device_report(tmp_path):
     def run(out, devices):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
