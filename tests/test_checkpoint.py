@@ -137,6 +137,7 @@ def _wait_for_step(path, step, proc, timeout=240.0):
     raise AssertionError("the checkpoint never reached the step")
 
 
+@pytest.mark.slow  # minutes on 2 shared cores; CI runs it with the slow suite
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     argv, env = _cli(*VALIDATE, "--out", killed)

@@ -161,6 +161,7 @@ def test_validate_cli_user_problem_and_strict(tmp_path):
     assert len(rep["series"]["loss_discrete"]) == 31
 
 
+@pytest.mark.slow  # minutes on 2 shared cores; CI runs it with the slow suite
 @pytest.mark.parametrize(
     "name, hyper, start",
     [("adam", dict(lr=1e-2, beta2=0.99), 1), ("rmsprop", dict(lr=3e-3, beta2=0.99), 4)],

@@ -81,6 +81,7 @@ def test_rmsprop_form_detection():
 # ---------------------------------------------------------------- (a) agreement, fast
 
 
+@pytest.mark.slow  # minutes on 2 shared cores; CI runs it with the slow suite
 def test_relaxation_agrees_with_sdp_at_eos(small, eos_point):
     opt, w, state, t = eos_point
     rel = relax(opt, small, w, state, t, moment_form="talk", tol=1e-7)
@@ -161,6 +162,7 @@ def test_dead_coordinates_and_compare(small):
 # --------------------------------------------------------------------- (c) GD explained
 
 
+@pytest.mark.slow  # minutes on 2 shared cores; CI runs it with the slow suite
 def test_gd_explain_says_no_slow_preconditioner(tmp_path):
     from flowgen.report.explain import explain_text
 
@@ -182,6 +184,7 @@ def test_gd_explain_says_no_slow_preconditioner(tmp_path):
 # ---------------------------------------------------------------------- (d) the CLI
 
 
+@pytest.mark.slow  # minutes on 2 shared cores; CI runs it with the slow suite
 def test_cli_explain_writes_report_and_figures(tmp_path, capsys):
     out = tmp_path / "ex"
     rc = main(
