@@ -57,6 +57,7 @@ def test_flows_carry_only_flow_states(name):
     assert "gp" not in opt.flow_state_names
 
 
+@pytest.mark.slow  # half a minute; the ogd validation on digits-mlp is slow too
 def test_ogd_central_flow_holds_the_threshold_on_the_quadratic():
     """The whole validation pipeline with a delay state, restarted at the edge of stability:
     the central flow pins lr·λ_max at 2/3 while the stable flow's keeps rising. (The verdict
