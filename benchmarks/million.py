@@ -53,6 +53,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=0.4)
     ap.add_argument("--eig-every", type=int, default=5)
     ap.add_argument("--restart-at", default="auto", help="T or auto (100 steps after the edge)")
+    ap.add_argument(
+        "--substeps", type=int, default=None, help="central-flow substeps (validate's default)"
+    )
     ap.add_argument("--out", default=str(ROOT / "runs" / "million"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -68,6 +71,7 @@ def main(argv=None) -> int:
             steps=args.steps,
             restart_at=args.restart_at if args.restart_at == "auto" else int(args.restart_at),
             eig_every=args.eig_every,
+            substeps=args.substeps,
             out=out,
             resume=(out / "checkpoint.npz").exists(),
             lr=args.lr,

@@ -9,7 +9,7 @@ source) → ``runtime`` (problems, eigensolver, SDCP, processes, validation) →
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "OptFile", "sweep", "__version__"]
+__all__ = ["load", "OptFile", "sweep", "clear_caches", "__version__"]
 
 
 def __getattr__(name):  # lazy: `import flowgen` stays light (no JAX on the derive path)
@@ -17,4 +17,8 @@ def __getattr__(name):  # lazy: `import flowgen` stays light (no JAX on the deri
         from flowgen import api
 
         return getattr(api, name)
+    if name == "clear_caches":
+        from flowgen.runtime.caches import clear_caches
+
+        return clear_caches
     raise AttributeError(name)

@@ -177,3 +177,35 @@ def test_counters_and_tracking(at_eos):
     assert cnt["hvps"] >= m * cnt["analyses"] - m  # one block product per analysis at least
     # the critical eigenvalue is pinned at the threshold
     np.testing.assert_allclose(ch.series["sharpness"][-5:], cf.c, rtol=1e-3)
+
+
+def test_point_is_the_analysis_substep_starts_from(at_eos):
+    """``point()`` reads the current analysis without stepping; ``substep()`` returns the
+    same and then moves."""
+    cf = flow(at_eos)
+    L0, rec0, info0 = cf.point()
+    L1, rec1, info1 = cf.point()  # cached, no step
+    assert cf.t == START and L0 == L1 and info0["sharpness"] == info1["sharpness"]
+    L2, rec2, info2 = cf.substep()
+    assert L2 == L0 and rec2.n_crit == rec0.n_crit
+    np.testing.assert_array_equal(np.asarray(info2["p"]), np.asarray(info0["p"]))
+    np.testing.assert_array_equal(info2["X"], info0["X"])
+    assert cf.t == START + cf.dt and cf.point()[0] != L0
+
+
+def test_clear_caches_empties_compiled_code(at_eos):
+    """Compiled kernels are cached per (optimizer, loss), at most CACHE_SIZE of them;
+    ``flowgen.clear_caches()`` empties every cache, and a flow built after it still runs."""
+    from flowgen.runtime import caches, central
+
+    opt, prob, w, s = at_eos
+    cf = flow(at_eos)
+    cf.advance(1)
+    assert len(central._KERNELS) >= 1
+    for i in range(caches.CACHE_SIZE + 2):  # new losses push old kernels out
+        central._kernels(opt, lambda v, i=i: prob.loss(v), CentralConfig(), w.shape[0])
+    assert len(central._KERNELS) == caches.CACHE_SIZE
+    flowgen.clear_caches()
+    assert len(central._KERNELS) == 0
+    again = flow(at_eos).advance(1)
+    np.testing.assert_allclose(np.asarray(again.w), np.asarray(flow(at_eos).advance(1).w))

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -71,7 +70,7 @@ import numpy as np
 from flowgen.errors import SimulationError
 from flowgen.precision import in_float64
 from flowgen.problems import Problem
-from flowgen.runtime import derivatives, eigen
+from flowgen.runtime import caches, derivatives, eigen
 from flowgen.runtime.optimizer import Optimizer
 from flowgen.runtime.sdcp import solve_sdcp
 
@@ -458,20 +457,15 @@ class _Kernels:
         }
 
 
-_KERNELS: OrderedDict = OrderedDict()  # (id(opt), id(loss), cfg) -> (opt, loss, _Kernels)
+_KERNELS = caches.OwnedCache()  # (id(opt), id(loss), cfg, n) -> _Kernels
 
 
 def _kernels(opt: Optimizer, loss, cfg: CentralConfig, n: int) -> _Kernels:
     key = (id(opt), id(loss), cfg, n)
-    hit = _KERNELS.get(key)
-    if hit is not None and hit[0] is opt and hit[1] is loss:
-        _KERNELS.move_to_end(key)
-        return hit[2]
-    kern = _Kernels(opt, loss, cfg, n)
-    _KERNELS[key] = (opt, loss, kern)  # holding opt and loss keeps their ids unique
-    while len(_KERNELS) > 16:
-        _KERNELS.popitem(last=False)
-    return kern
+    hit = _KERNELS.get(key, (opt, loss))
+    if hit is not None:
+        return hit
+    return _KERNELS.put(key, (opt, loss), _Kernels(opt, loss, cfg, n))
 
 
 # --------------------------------------------------------------------------- #
@@ -784,11 +778,10 @@ class CentralFlow:
         )
 
     @in_float64
-    def substep(self) -> tuple[float, SubstepRecord, dict]:
-        """One Euler substep with the analysis of the current point.
-
-        Returns ``(L, record, info)`` of the point the substep started from
-        (``info``: ``loss, g0, p, sharpness, Eg, Vg, Q, lam, X``)."""
+    def point(self) -> tuple[float, SubstepRecord, dict]:
+        """The analysis of the current point, without stepping: ``(L, record, info)``
+        as :meth:`substep` returns them (``info``: ``loss, g0, p, sharpness, Eg,
+        Vg, Q, lam, X``). Cached: asking twice costs nothing."""
         a = self._analysis()
         k = a.k
         vals = np.asarray(a.vals)
@@ -804,9 +797,17 @@ class CentralFlow:
             "lam": vals[:k],
             "X": X,
         }
-        rec = SubstepRecord(X, vals[: self._k_track], k)
+        return info["loss"], SubstepRecord(X, vals[: self._k_track], k), info
+
+    @in_float64
+    def substep(self) -> tuple[float, SubstepRecord, dict]:
+        """One Euler substep with the analysis of the current point.
+
+        Returns ``(L, record, info)`` of the point the substep started from (see
+        :meth:`point`)."""
+        out = self.point()
         self._step(None)
-        return info["loss"], rec, info
+        return out
 
     # ----------------------------------------------------------------- records
 

@@ -66,6 +66,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from flowgen.errors import SimulationError
+from flowgen.runtime import caches
 
 __all__ = [
     "EigState",
@@ -116,12 +117,15 @@ def hvp(loss: Callable[[jax.Array], jax.Array], w: jax.Array, v: jax.Array) -> j
     return jax.jvp(jax.grad(loss), (w,), (v,))[1]
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=caches.CACHE_SIZE)
 def _sym_eff_fn(loss):
     def f(w, s, v):  # w (n,), s () or (n,), v (n,)
         return s * hvp(loss, w, s * v)
 
     return f
+
+
+caches.register(_sym_eff_fn.cache_clear)
 
 
 def sym_eff_hessian_matvec(loss, w: jax.Array, p) -> Partial:

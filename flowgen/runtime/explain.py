@@ -225,9 +225,7 @@ def explain(
     p_disc = np.asarray(opt.effective_step(w_disc, s_disc, float(N + 1)))
     central = exp.procs["central"]
     tic = time.perf_counter()
-    probe = CentralFlow(opt, problem, central.w, central.state, N, ccfg)
-    probe.eig = central.eig
-    L_N, rec, info = probe.substep()
+    L_N, rec, info = central.point()
     w_bar = central.w
     s_bar = central.state
     p_c = np.asarray(info["p"])

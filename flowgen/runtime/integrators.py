@@ -55,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowgen.runtime import caches
+
 __all__ = [
     "EXPLICIT",
     "IMPLICIT",
@@ -446,21 +448,18 @@ class StiffIntegrator:
         self.switches = [(float(t), MODE_NAMES[int(m)]) for t, m in zip(ts, ms, strict=True)]
 
 
-_STEPPERS: dict = {}  # (id(field), shape, dtype, config) -> _Steppers (holds the field)
+_STEPPERS = caches.OwnedCache()  # (id(field), shape, dtype, config) -> _Steppers
 
 
 def _steppers_for(field, y0, t0: float, config: IntegratorConfig) -> _Steppers:
     """The compiled steppers of one field, shared by every integrator of that field
     (a flow restored into a fresh object does not compile again)."""
     key = (id(field), y0.shape, str(y0.dtype), config)
-    hit = _STEPPERS.get(key)
-    if hit is not None and hit.field is field:
+    hit = _STEPPERS.get(key, (field,))
+    if hit is not None:
         return hit
     steppers = _Steppers(field, int(y0.shape[0]), config, _depends_on_time(field, t0, y0))
-    if len(_STEPPERS) >= 16:
-        _STEPPERS.pop(next(iter(_STEPPERS)))
-    _STEPPERS[key] = steppers
-    return steppers
+    return _STEPPERS.put(key, (field,), steppers)
 
 
 class _Steppers:

@@ -36,6 +36,7 @@ from jax.flatten_util import ravel_pytree
 from flowgen.errors import SimulationError
 from flowgen.precision import in_float64
 from flowgen.problems import Problem
+from flowgen.runtime import caches
 from flowgen.runtime.integrators import (
     IntegrationError,
     IntegratorConfig,
@@ -89,7 +90,7 @@ class _FlowFunctions:
         self.observe_compiled: dict = {}  # K -> ahead-of-time compiled observe
 
 
-_FLOW_FUNCTIONS: dict = {}
+_FLOW_FUNCTIONS = caches.OwnedCache()
 
 
 def _flow_functions(opt: Optimizer, problem: Problem, template) -> _FlowFunctions:
@@ -102,14 +103,10 @@ def _flow_functions(opt: Optimizer, problem: Problem, template) -> _FlowFunction
         treedef,
         tuple((jnp.shape(x), str(jnp.result_type(x))) for x in leaves),
     )
-    hit = _FLOW_FUNCTIONS.get(key)
-    if hit is not None and hit.opt is opt and hit.problem is problem:
+    hit = _FLOW_FUNCTIONS.get(key, (opt, problem))
+    if hit is not None:
         return hit
-    fns = _FlowFunctions(opt, problem, template)
-    if len(_FLOW_FUNCTIONS) >= 16:
-        _FLOW_FUNCTIONS.pop(next(iter(_FLOW_FUNCTIONS)))
-    _FLOW_FUNCTIONS[key] = fns
-    return fns
+    return _FLOW_FUNCTIONS.put(key, (opt, problem), _FlowFunctions(opt, problem, template))
 
 
 class StableFlow:

@@ -85,7 +85,7 @@ import numpy as np
 from flowgen.errors import SimulationError, UsageError
 from flowgen.precision import in_float64
 from flowgen.problems import Problem
-from flowgen.runtime import derivatives, eigen
+from flowgen.runtime import caches, derivatives, eigen
 from flowgen.runtime.central import CentralConfig, CentralFlow
 from flowgen.runtime.optimizer import Optimizer
 
@@ -318,10 +318,8 @@ def relax(
             converged = True
             break
     prog(label, max_units, max_units)
-    # the fixed point: p, X, Q of one more substep at the final state (no state change kept)
-    probe = CentralFlow(opt, problem, cf.w, cf.state, int(t), cfg)
-    probe.eig = cf.eig
-    _, rec, info = probe.substep()
+    # the fixed point: p, X, Q of the analysis at the final state (w and the counter are frozen)
+    _, rec, info = cf.point()
     Q = np.asarray(info["Q"])
     p = np.asarray(info["p"])
     X = np.asarray(info["X"])
@@ -751,7 +749,7 @@ class KKTPoint:
         return int(self.V.shape[1])
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=caches.CACHE_SIZE)
 def _kkt_fns(loss):
     """Jitted pieces of the KKT system for one loss (cached: one compilation per loss)."""
     grad = jax.grad(loss)
@@ -836,6 +834,9 @@ def _kkt_fns(loss):
         return x[:n], x[n : n + n * k].reshape(n, k), its
 
     return residual, jmv, trace_grad, curvature_grad, a_jit, solve
+
+
+caches.register(_kkt_fns.cache_clear)
 
 
 def minres(matvec, b, minv, *, rtol, maxiter):
