@@ -194,18 +194,23 @@ def test_point_is_the_analysis_substep_starts_from(at_eos):
 
 
 def test_clear_caches_empties_compiled_code(at_eos):
-    """Compiled kernels are cached per (optimizer, loss), at most CACHE_SIZE of them;
-    ``flowgen.clear_caches()`` empties every cache, and a flow built after it still runs."""
+    """Compiled kernels are cached per (optimizer, loss), the least recently used
+    dropped beyond CACHE_SIZE; ``flowgen.clear_caches()`` empties every cache, and a flow
+    built after it compiles again and gives the same values."""
     from flowgen.runtime import caches, central
 
-    opt, prob, w, s = at_eos
-    cf = flow(at_eos)
-    cf.advance(1)
-    assert len(central._KERNELS) >= 1
-    for i in range(caches.CACHE_SIZE + 2):  # new losses push old kernels out
-        central._kernels(opt, lambda v, i=i: prob.loss(v), CentralConfig(), w.shape[0])
-    assert len(central._KERNELS) == caches.CACHE_SIZE
+    lru = caches.OwnedCache(size=2)
+    a, b, c = object(), object(), object()
+    lru.put(1, (a,), "A")
+    lru.put(2, (b,), "B")
+    assert lru.get(1, (a,)) == "A"  # 1 is now the most recent
+    lru.put(3, (c,), "C")  # drops 2
+    assert lru.get(2, (b,)) is None and lru.get(1, (a,)) == "A" and len(lru) == 2
+    assert lru.get(1, (b,)) is None  # a key whose owner is another object misses
+
+    first = flow(at_eos).advance(2)
+    assert 1 <= len(central._KERNELS) <= caches.CACHE_SIZE
     flowgen.clear_caches()
-    assert len(central._KERNELS) == 0
-    again = flow(at_eos).advance(1)
-    np.testing.assert_allclose(np.asarray(again.w), np.asarray(flow(at_eos).advance(1).w))
+    assert len(central._KERNELS) == 0 and len(lru) == 0
+    again = flow(at_eos).advance(2)
+    np.testing.assert_allclose(np.asarray(again.w), np.asarray(first.w), rtol=1e-12)

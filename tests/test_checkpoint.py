@@ -50,6 +50,7 @@ def rmsprop_case():
     return opt, prob, cfg, validate(opt, prob, cfg)
 
 
+@pytest.mark.slow  # ~45-90 s of a fast-suite worker; CI runs it with the slow suite
 def test_interrupted_and_resumed_equals_uninterrupted(rmsprop_case, tmp_path):
     opt, prob, cfg, ref = rmsprop_case
     store = CheckpointStore(tmp_path, run_identity("validate", opt, prob, cfg))
@@ -67,6 +68,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(rmsprop_case, tmp_path):
         assert np.isfinite(res.series[key][cfg.steps]), key
 
 
+@pytest.mark.slow  # ~45-90 s of a fast-suite worker; CI runs it with the slow suite
 def test_resume_refuses_another_run(rmsprop_case, tmp_path):
     opt, prob, cfg, _ = rmsprop_case
     store = CheckpointStore(tmp_path, run_identity("validate", opt, prob, cfg))
@@ -156,6 +158,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert a["summary"] == b["summary"]
 
 
+@pytest.mark.slow  # ~45-90 s of a fast-suite worker; CI runs it with the slow suite
 def test_sigint_writes_checkpoint_and_exits_130(tmp_path):
     out = tmp_path / "int"
     argv, env = _cli(*VALIDATE, "--out", out)

@@ -109,6 +109,7 @@ def small_validation():
     return validate(opt, prob, ValidateConfig(steps=260, restart_at="auto", chunk=20))
 
 
+@pytest.mark.slow  # ~45-90 s of a fast-suite worker; CI runs it with the slow suite
 def test_validation_on_small_problem_passes(small_validation):
     """The whole validation on a 21-parameter problem (RMSProp, restarted at EOS)."""
     r = small_validation
@@ -127,6 +128,7 @@ def test_validation_on_small_problem_passes(small_validation):
     assert sm["stable_sharpness_max"] > 2.2
 
 
+@pytest.mark.slow  # ~45-90 s of a fast-suite worker; CI runs it with the slow suite
 def test_validate_cli_user_problem_and_strict(tmp_path):
     out = tmp_path / "val"
     rc = main(

@@ -55,6 +55,7 @@ def separable(n: int, seed: int = 0) -> Problem:
     return Problem(name=f"separable-{n}", loss=loss, w0=jnp.asarray(np.append(x0, s0)))
 
 
+@pytest.mark.slow  # ~45-90 s of a fast-suite worker; CI runs it with the slow suite
 def test_no_dense_n_by_n_on_a_large_separable_problem():
     n = 200_001  # a dense n×n float64 array: 320 GB
     prob = separable(n)

@@ -151,6 +151,7 @@ def test_trace_gradient_matches_finite_differences(quad, eos):
     assert np.linalg.norm(gt) > 1e-3 * np.sum(kp.P)
 
 
+@pytest.mark.slow  # ~45-90 s of a fast-suite worker; CI runs it with the slow suite
 def test_asymptotic_sdp_bound_is_attained_early(quad):
     """Bias-corrected RMSProp, ε outside the root, at step 3 with β₂ = 0.7: the bias
     correction 1/√(1 − 0.7⁴) ≈ 1.15 is far from 1, so the SDP of the limit form and the
