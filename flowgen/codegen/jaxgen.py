@@ -483,7 +483,7 @@ def _flow_parts(spec: FlowSpec, names, state_names, thr) -> list[str]:
         "w, state, g, t",
         spec.w_rate,
         [s.rate for s in flow_states],
-        "Raw rates (time convention of central-flows.md §3); the stable flow uses g = grad L.",
+        "Raw rates s_new - s_old per step; the stable flow uses g = grad L.",
     )
     moment_args = ", ".join(MOMENT_NAMES)
     if spec.has_central:

@@ -65,7 +65,7 @@ def precond(w, state, t, hyper=HYPER):
 
 
 def rates(w, state, g, t, hyper=HYPER):
-    """Raw rates (time convention of central-flows.md §3); the stable flow uses g = grad L.
+    """Raw rates s_new - s_old per step; the stable flow uses g = grad L.
 
     dw/dt = -lr*m/((1 - beta1**t)*(eps + sqrt(v/(1 - beta2**t))))
     dm/dt = (1 - beta1)*(g - m)/beta1

@@ -99,7 +99,7 @@ def precond(w, state, t, hyper=HYPER):
 
 
 def rates(w, state, g, t, hyper=HYPER):
-    """Raw rates (time convention of central-flows.md §3); the stable flow uses g = grad L.
+    """Raw rates s_new - s_old per step; the stable flow uses g = grad L.
 
     dw/dt = lr*(beta1**t*beta2*d - beta1**t*beta2**t*eps*w*weight_decay - beta1**t*beta2**t*w*weight_decay*sqrt(n/(1 - beta3**t)) + beta1**t*eps*w*weight_decay + beta1**t*w*weight_decay*sqrt(n/(1 - beta3**t)) - beta2*d + beta2**t*eps*w*weight_decay + beta2**t*m + beta2**t*w*weight_decay*sqrt(n/(1 - beta3**t)) - eps*w*weight_decay - m - w*weight_decay*sqrt(n/(1 - beta3**t)))/((1 - beta1**t)*(1 - beta2**t)*(eps + sqrt(n/(1 - beta3**t)))*(lr*weight_decay + 1))
     dm/dt = (1 - beta1)*(g - m)/beta1

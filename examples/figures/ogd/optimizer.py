@@ -60,7 +60,7 @@ def precond(w, state, t, hyper=HYPER):
 
 
 def rates(w, state, g, t, hyper=HYPER):
-    """Raw rates (time convention of central-flows.md §3); the stable flow uses g = grad L.
+    """Raw rates s_new - s_old per step; the stable flow uses g = grad L.
 
     dw/dt = -g*lr
     """

@@ -51,7 +51,7 @@ def precond(w, state, t, hyper=HYPER):
 
 
 def rates(w, state, g, t, hyper=HYPER):
-    """Raw rates (time convention of central-flows.md §3); the stable flow uses g = grad L.
+    """Raw rates s_new - s_old per step; the stable flow uses g = grad L.
 
     dw/dt = -g*lr/sqrt(eps + v)
     dv/dt = (1 - beta2)*(g**2 - v)/beta2
