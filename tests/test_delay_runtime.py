@@ -34,7 +34,9 @@ def test_ogd_discrete_matches_numpy():
         w = w - OGD_EOS_LR * (2 * g - gp)
         gp = g
         np.testing.assert_allclose(np.asarray(chunk.w[k]), w, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(np.asarray(chunk.states["gp"][-1]), gp, rtol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(chunk.states["gp"][-1]), gp, rtol=1e-12, atol=1e-13
+    )  # entries near 0: round-off of the 30 steps
 
 
 @pytest.mark.parametrize("name", ["ogd", "adan"])

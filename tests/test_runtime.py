@@ -102,6 +102,21 @@ def test_centred_window_and_first_crossing():
     assert first_crossing(np.array([0.1, 0.2]), 1.9) is None
 
 
+def test_edge_found_when_crossed_before_the_first_periodic_measurement():
+    """Step 0 is measured: GD on digits-mlp crosses 0.95·c near step 20, so with
+    eig_every=40 the first periodic measurement is already above the level (the
+    10^6-parameter run's `no-eos` verdict came from this)."""
+    from flowgen.runtime.loop import Experiment
+
+    opt = flowgen.load(OPT / "gd.opt").optimizer(lr=0.4)
+    exp = Experiment(
+        opt, get_problem("digits-mlp"), steps=45, start="auto", eos_delay=1, eig_every=40, chunk=45
+    ).run()
+    s = exp.series["sharpness_discrete"]
+    assert s[0] < 0.95 * exp.threshold <= s[40]
+    assert exp.eos_start == 40
+
+
 @pytest.fixture(scope="module")
 def small_validation():
     prob = get_problem("quadratic")
