@@ -100,6 +100,9 @@ def test_centred_window_and_first_crossing():
     s = np.array([3.0, 2.5, 1.0, 1.5, 1.95, 2.1])  # warm-up above, then from below
     assert first_crossing(s, 1.9) == 4
     assert first_crossing(np.array([0.1, 0.2]), 1.9) is None
+    # without state there is no warm-up: starting above the level is the edge at step 0
+    assert first_crossing(s, 1.9, warm_up=False) == 0
+    assert first_crossing(s[2:], 1.9, warm_up=False) == 2
 
 
 def test_edge_found_when_crossed_before_the_first_periodic_measurement():

@@ -145,12 +145,18 @@ def rows_of(chunk, t0: int) -> Rows:
     return Rows(steps, chunk.w, chunk.states, {"loss": chunk.loss, "grad_norm": chunk.grad_norm})
 
 
-def first_crossing(sharp: np.ndarray, level: float) -> int | None:
+def first_crossing(sharp: np.ndarray, level: float, warm_up: bool = True) -> int | None:
     """First step at which the sharpness reaches ``level`` from below.
 
     Adaptive optimizers start with a preconditioner state near 0 (``v = 0``),
     so their effective sharpness is huge for the first steps; that warm-up is
-    not the edge of stability, which is reached by progressive sharpening."""
+    not the edge of stability, which is reached by progressive sharpening
+    (``warm_up=True``). An optimizer without state has no warm-up
+    (``warm_up=False``): if it starts at or above ``level`` (e.g. GD on a wide
+    network with ``λ_max(H(w₀))·η > 2``, which catapults and then stays at the
+    edge) the edge starts at step 0."""
+    if not warm_up and len(sharp) and np.isfinite(sharp[0]) and sharp[0] >= level:
+        return 0
     below = np.isfinite(sharp) & (sharp < level)
     if not below.any():
         return None
@@ -299,6 +305,7 @@ class Experiment:
         self.should_stop = should_stop or (lambda: False)
         self.after_chunk = after_chunk
         self.threshold = opt.threshold
+        self.warm_up = bool(opt.state_names)  # states from 0: the first steps are a warm-up
         self.timings: dict[str, float] = {}
         self.placement = Placement.for_size(problem.n)
         if self.mode == "fixed":
@@ -564,14 +571,18 @@ class Experiment:
             self.after_chunk(self, rows)
         if self.mode == "auto" and self.start is None and self.pass_ == 1:
             c = self.threshold
-            eos = first_crossing(self.series["sharpness_discrete"][: self.t + 1], self.eos_frac * c)
+            eos = first_crossing(
+                self.series["sharpness_discrete"][: self.t + 1], self.eos_frac * c, self.warm_up
+            )
             if eos is not None:
                 self.eos_start = eos
                 self.start = self.restart_at = eos + self.eos_delay
                 self._check_start(self.start)
         elif self.eos_start is None and self.threshold is not None:
             self.eos_start = first_crossing(
-                self.series["sharpness_discrete"][: self.t + 1], self.eos_frac * self.threshold
+                self.series["sharpness_discrete"][: self.t + 1],
+                self.eos_frac * self.threshold,
+                self.warm_up,
             )
         done, total = (self.t, N) if phase == "discrete" else (self.t - self.start, N - self.start)
         self.progress(phase, done, total)
