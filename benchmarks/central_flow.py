@@ -57,6 +57,7 @@ The device JAX ran on is printed; nothing here assumes a CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -147,7 +148,7 @@ def measure(args) -> dict:
         w, s, start = disc.w, disc.state, args.restart
         d2 = DiscreteProcess(opt, prob, w, s, start)
         d2.advance(args.units)  # compile
-        base = dict(substeps=args.substeps, eig_tol=args.eig_tol)
+        base = dict(substeps=args.substeps, eig_tol=args.eig_tol) | central_options(args.central)
         cfg = CentralConfig(**{k: v for k, v in base.items() if v is not None})
         cf = CentralFlow(opt, prob, w, s, start, cfg)
         tic = time.perf_counter()
@@ -198,7 +199,8 @@ def measure(args) -> dict:
         "hyper": opt.hyper,
         "restart": start,
         "units": args.units,
-        "config": {"substeps": cfg.substeps, "eig_tol": cfg.eig_tol},
+        "config": {"substeps": cfg.substeps, "eig_tol": cfg.eig_tol}
+        | {k: getattr(cfg, k) for k in central_options(args.central)},
         "gradient_ms": 1e3 * tg,
         "hvp_ge": c_hvp,
         "contraction_ge": c_contr,
@@ -250,6 +252,20 @@ def show(r: dict) -> None:
     for name, v in r["split_grad_eq"].items():
         print(f"    {name:<20}{v:>8.1f} g.e. {100 * v / r['profiled_grad_eq']:>5.0f} %")
     print(f"one discrete step {r['discrete_step_grad_eq']:.2f} g.e.")
+
+
+def central_options(items: list[str] | None) -> dict:
+    """``--central KEY=VALUE``: any :class:`CentralConfig` field, typed by its default."""
+    fields = {f.name: f for f in dataclasses.fields(CentralConfig)}
+    out = {}
+    for item in items or []:
+        key, sep, val = item.partition("=")
+        if not sep or key not in fields or key == "profile":
+            names = ", ".join(k for k in fields if k != "profile")
+            raise SystemExit(f"--central {item!r}: expected KEY=VALUE with KEY one of {names}")
+        kind = type(fields[key].default)
+        out[key] = (val.lower() in ("1", "true", "yes")) if kind is bool else kind(val)
+    return out
 
 
 def time_validate(args) -> dict:
@@ -313,6 +329,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=200, help="repetitions of the unit costs")
     ap.add_argument("--substeps", type=int, default=None, help="CentralConfig.substeps")
     ap.add_argument("--eig-tol", type=float, default=None, help="CentralConfig.eig_tol")
+    ap.add_argument(
+        "--central", action="append", metavar="KEY=VALUE", help="any CentralConfig field"
+    )
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (minimum kept)")
     ap.add_argument(
         "--clock",

@@ -87,6 +87,23 @@ def test_warm_start_needs_fewer_iterations():
     assert_matches_dense(s1, M1, 3)
 
 
+def test_guards_returned_and_a_full_block_warm_start_is_cheaper():
+    """``guards=True`` returns the whole block; passed back, it warm-starts every column
+    (the sharpness meter's use), so the next solve needs fewer iterations than when
+    only the wanted column is warm and the guards start random."""
+    M = random_symmetric([10.0, 9.8, 9.6, 6.0, 5.0], seed=4)
+    E = np.random.default_rng(5).normal(size=(N, N)) * 1e-4
+    M1 = M + E + E.T
+    full = top_eigenpairs(op_of(M), N, 1, tol=1e-8, guards=True)
+    assert full.vals.shape == (3,) and full.vecs.shape == (N, 3)
+    _, part = top_eigenpairs_with_info(op_of(M1), N, 1, init=full.vecs[:, :1], tol=1e-8)
+    s1, blk = top_eigenpairs_with_info(op_of(M1), N, 1, init=full.vecs, tol=1e-8)
+    assert int(blk.iterations) < int(part.iterations)
+    assert_matches_dense(s1, M1, 1)
+    tiny = top_eigenpairs(op_of(M[:4, :4]), 4, 1, guards=True)  # dense path: at most n pairs
+    assert tiny.vecs.shape == (4, 3)
+
+
 def test_inside_jit():
     M = random_symmetric([10.0, 9.0, 7.0])
     f = jax.jit(lambda M: top_eigenpairs(Partial(_matmul, M), N, 3, key=jax.random.PRNGKey(4)))

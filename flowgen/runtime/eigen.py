@@ -58,7 +58,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -171,6 +171,7 @@ def _lobpcg(
     max_iter,
     loose=None,
     level=None,
+    first=None,
 ):
     """Block LOBPCG for the top ``m = X0.shape[1]`` Ritz pairs; converge the top ``k``.
 
@@ -192,13 +193,18 @@ def _lobpcg(
     wanted columns whose Ritz value is below ``level`` need only
     ``‖A v − θ v‖ ≤ loose · max|θ|``.
 
-    Returns ``(theta (m,), X (n, m), AX (n, m), iterations, residual, converged)``.
+    ``first``, if given, replaces ``block`` for the first product and returns
+    ``(A X, aux)``: a caller whose operator is a Hessian gets the gradient it
+    needs anyway from the same forward-over-reverse pass.
+
+    Returns ``(theta (m,), X (n, m), AX (n, m), iterations, residual, converged,
+    aux)``.
     """
     n, m = X0.shape
     want = jnp.arange(m) < k  # (m,) columns that must converge
 
     X, _ = jnp.linalg.qr(X0)  # (n, m) orthonormal
-    AX = block(X)
+    AX, aux = (block(X), None) if first is None else first(X)
     G = X.T @ AX
     theta, Q = jnp.linalg.eigh(0.5 * (G + G.T))
     Q = Q[:, ::-1]
@@ -250,24 +256,24 @@ def _lobpcg(
     i, X, AX, P, AP, theta, R, rel = jax.lax.while_loop(cond, body, state)
     scale = jnp.max(jnp.abs(theta))
     res = jnp.max(jnp.where(want, jnp.linalg.norm(R, axis=0), 0.0))
-    return theta, X, AX, i, res / jnp.where(scale > 0, scale, 1.0), rel <= 1.0
+    return theta, X, AX, i, res / jnp.where(scale > 0, scale, 1.0), rel <= 1.0, aux
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _solve(op: Partial, init: jax.Array, j, key: jax.Array, tol, max_iter, *, k: int):
+@functools.partial(jax.jit, static_argnames=("k", "keep"))
+def _solve(op: Partial, init: jax.Array, j, key: jax.Array, tol, max_iter, *, k: int, keep: int):
     """``init`` (n, m): its first ``j`` columns are the warm start, the rest are replaced
-    by random columns (so one compilation serves every ``j``)."""
+    by random columns (so one compilation serves every ``j``). Returns ``keep`` pairs."""
     n, m = init.shape
     rand = jax.random.normal(key, (n, m), dtype=init.dtype)
     X0 = jnp.where(jnp.arange(m)[None, :] < j, init, rand)
     block = jax.vmap(op, in_axes=1, out_axes=1)  # (n, b) -> (n, b)
-    theta, X, _, it, rel, conv = _lobpcg(block, X0, k, tol, max_iter)
+    theta, X, _, it, rel, conv, _ = _lobpcg(block, X0, k, tol, max_iter)
     info = EigInfo(iterations=it, matvecs=m * (it + 1), residual=rel, converged=conv)
-    return EigState(theta[:k], X[:, :k]), info
+    return EigState(theta[:keep], X[:, :keep]), info
 
 
 @functools.partial(jax.jit, static_argnames=("n", "k"))
-def _solve_dense(op: Partial, *, n: int, k: int):
+def _solve_dense(op: Partial, *, n: int, k: int):  # the top k pairs
     A = jax.vmap(op, in_axes=1, out_axes=1)(jnp.eye(n))  # (n, n)
     vals, vecs = jnp.linalg.eigh(0.5 * (A + A.T))
     info = EigInfo(
@@ -289,6 +295,7 @@ class Refresh(NamedTuple):
     matvecs: jax.Array  # () operator applications to vectors (m per block product)
     residual: jax.Array  # () max over wanted columns of ‖A v − θ v‖ / max|θ|
     converged: jax.Array  # () bool
+    aux: Any = None  # what ``first`` returned beside its product (None without ``first``)
 
 
 def refresh(
@@ -300,6 +307,7 @@ def refresh(
     max_iter=1000,
     loose=None,
     level=None,
+    first=None,
 ) -> Refresh:
     """Refresh warm Ritz vectors ``V`` (n, m) of a slowly changing symmetric operator.
 
@@ -312,6 +320,8 @@ def refresh(
     ``k`` may be traced. The
     images ``A · vecs`` are returned so that callers get ``A`` applied to the
     final vectors for free (the central flow reads ``H U`` from them).
+    ``first(Z) -> (A Z, aux)``, if given, makes the first block product and
+    returns something computed with it (``Refresh.aux``; see :func:`_lobpcg`).
 
     ``block`` maps ``(n, b) -> (n, b)``; build it once per point (e.g. on a
     ``jax.linearize`` of the gradient, so each product costs only a tangent
@@ -320,7 +330,8 @@ def refresh(
     """
     n, m = V.shape
     if n < 4 * m:
-        A = block(jnp.eye(n, dtype=V.dtype))  # (n, n): tiny problems only
+        eye = jnp.eye(n, dtype=V.dtype)
+        A, aux = (block(eye), None) if first is None else first(eye)  # (n, n): tiny problems
         vals, vecs = jnp.linalg.eigh(0.5 * (A + A.T))
         vals, vecs = vals[::-1][:m], vecs[:, ::-1][:, :m]
         return Refresh(
@@ -331,9 +342,10 @@ def refresh(
             jnp.asarray(n),
             jnp.asarray(0.0, V.dtype),
             jnp.asarray(True),
+            aux,
         )
-    theta, X, AX, it, rel, conv = _lobpcg(block, V, k, tol, max_iter, loose, level)
-    return Refresh(theta, X, AX, it, m * (it + 1), rel, conv)
+    theta, X, AX, it, rel, conv, aux = _lobpcg(block, V, k, tol, max_iter, loose, level, first)
+    return Refresh(theta, X, AX, it, m * (it + 1), rel, conv, aux)
 
 
 def _is_concrete(x) -> bool:
@@ -376,14 +388,16 @@ def top_eigenpairs_with_info(
     tol: float = 1e-7,
     max_iter: int = 1000,
     key: jax.Array | None = None,
+    guards: bool = False,
 ) -> tuple[EigState, EigInfo]:
     """:func:`top_eigenpairs` plus its :class:`EigInfo` (iterations, matvecs, residual)."""
     if not 1 <= k <= n:
         raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
     op = matvec if isinstance(matvec, Partial) else Partial(matvec)
     m = k + GUARD
+    keep = min(m, n) if guards else k
     if n < 4 * m:
-        state, info = _solve_dense(op, n=n, k=k)
+        state, info = _solve_dense(op, n=n, k=keep)
     else:
         if key is None:
             key = _default_key()
@@ -399,7 +413,7 @@ def top_eigenpairs_with_info(
             padded[:, :j] = np.asarray(init, dtype=np.float64)[:, :j]
         else:
             padded = jnp.pad(jnp.asarray(init, jnp.float64)[:, :j], ((0, 0), (0, m - j)))
-        state, info = _solve(op, padded, j, key, tol, max_iter, k=k)
+        state, info = _solve(op, padded, j, key, tol, max_iter, k=k, keep=keep)
     _check(state, info, n, k)
     return state, info
 
@@ -413,6 +427,7 @@ def top_eigenpairs(
     tol: float = 1e-7,
     max_iter: int = 1000,
     key: jax.Array | None = None,
+    guards: bool = False,
 ) -> EigState:
     """The ``k`` largest (algebraic) eigenpairs of the symmetric operator ``matvec``.
 
@@ -427,14 +442,20 @@ def top_eigenpairs(
         The eigenvalue error is then of order ``tol² · λ_max² / gap``.
       max_iter: iteration cap (each iteration costs ``k + 2`` matvecs).
       key: PRNG key for the random columns.
+      guards: also return the ``GUARD`` Ritz pairs below the ``k`` wanted
+        ones (not converged): passed back as ``init``, they warm-start the
+        whole block, not only its first ``k`` columns.
 
     Returns:
-      ``EigState(vals (k,) descending, vecs (n, k) orthonormal)``.
+      ``EigState(vals (k,) descending, vecs (n, k) orthonormal)``; ``k + GUARD``
+      pairs (at most ``n``) with ``guards``.
 
     Works inside ``jax.jit`` (then failures cannot raise; check the values).
     Outside jit, raises :class:`SimulationError` on NaN or non-convergence.
     """
-    return top_eigenpairs_with_info(matvec, n, k, init=init, tol=tol, max_iter=max_iter, key=key)[0]
+    return top_eigenpairs_with_info(
+        matvec, n, k, init=init, tol=tol, max_iter=max_iter, key=key, guards=guards
+    )[0]
 
 
 # ---------------------------------------------------------------------------

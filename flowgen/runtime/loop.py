@@ -521,9 +521,14 @@ class Experiment:
         elif self.resume:
             self.store.load()  # raises the "no checkpoint" error
         while True:
-            if self.t == 0 and not np.isfinite(self.series["sharpness_discrete"][0]):
-                # step 0 is measured, so a run that sharpens past eos_frac·c before its
-                # first eig_every-th step still has a measurement below the level
+            if (
+                self.t == 0
+                and not self.warm_up
+                and not np.isfinite(self.series["sharpness_discrete"][0])
+            ):
+                # step 0 is measured (without state: with states at 0 the preconditioner can
+                # be singular there), so a run that sharpens past eos_frac·c before its first
+                # eig_every-th step still has a measurement below the level
                 meter = self.meters["discrete"]
                 val = meter(self.discrete.w, self.discrete.state, 1.0)
                 self.series.put("sharpness_discrete", 0, val)

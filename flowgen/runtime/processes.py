@@ -104,9 +104,14 @@ class DiscreteProcess:
 
 
 class SharpnessMeter:
-    """Effective sharpness ``λ_max(P^{-1/2} H P^{-1/2})``, warm-started per process."""
+    """Effective sharpness ``λ_max(P^{-1/2} H P^{-1/2})``, warm-started per process.
 
-    def __init__(self, opt: Optimizer, problem: Problem, k: int = 1, tol: float = 1e-6):
+    The whole LOBPCG block (the wanted pair and its guards) warm-starts the next
+    measurement. ``tol`` bounds the residual; the eigenvalue's error is of order
+    ``tol²·λ/gap`` (measured on digits-mlp under GD at its edge: 2e-8 relative at
+    1e-4 against 1e-6, with 5.9 iterations per measurement against 13.2)."""
+
+    def __init__(self, opt: Optimizer, problem: Problem, k: int = 1, tol: float = 1e-4):
         from flowgen.runtime import eigen
 
         self.opt, self.problem, self.k, self.tol = opt, problem, k, tol
@@ -118,7 +123,9 @@ class SharpnessMeter:
         p = self.opt.effective_step(w, state, float(t))
         mv = self._eigen.sym_eff_hessian_matvec(self.problem.loss, w, p)
         init = None if self._prev is None else self._prev.vecs
-        est = self._eigen.top_eigenpairs(mv, w.shape[0], self.k, init=init, tol=self.tol)
+        est = self._eigen.top_eigenpairs(
+            mv, w.shape[0], self.k, init=init, tol=self.tol, guards=True
+        )
         self._prev = est
         return float(est.vals[0])
 
