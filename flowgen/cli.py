@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -590,12 +591,51 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+COMPILE_CACHE_ENV = "FLOWGEN_COMPILE_CACHE"
+_COMPILING = {"run", "validate", "explain", "sweep"}
+
+
+def compile_cache_dir() -> Path | None:
+    """Where the command line keeps compiled XLA code between runs, or None (off).
+
+    ``$FLOWGEN_COMPILE_CACHE`` names the directory, or turns the cache off with
+    ``off``/``0``; by default ``$XDG_CACHE_HOME/flowgen/xla`` (``~/.cache/…``)."""
+    val = os.environ.get(COMPILE_CACHE_ENV, "").strip()
+    if val.lower() in ("0", "off", "no", "false", "none"):
+        return None
+    if val:
+        return Path(val).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "flowgen" / "xla"
+
+
+def _use_compile_cache() -> None:
+    """JAX's persistent compilation cache for a command that compiles. The command
+    line is an application, so it may configure JAX; ``import flowgen`` never does
+    (the Python API leaves this to the user: ``jax.config.update(
+    "jax_compilation_cache_dir", ...)``). A cached executable is the one XLA would
+    compile, so outputs do not depend on the cache; only the start-up does
+    (measured in ``benchmarks/central_flow.py --validate``). A directory the user
+    set in JAX's own config wins."""
+    path = compile_cache_dir()
+    if path is None:
+        return
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if not getattr(args, "func", None):
         ap.print_help()
         return 2
+    if args.command in _COMPILING:
+        _use_compile_cache()
     try:
         return args.func(args)
     except FlowgenError as err:
@@ -609,8 +649,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

@@ -3,6 +3,9 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# tests call the CLI in process: no persistent compilation cache in the user's home
+# (tests/test_runtime.py checks the cache in a subprocess)
+os.environ["FLOWGEN_COMPILE_CACHE"] = "off"
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZERS = sorted((ROOT / "optimizers").glob("*.opt"))

@@ -174,3 +174,22 @@ def test_sigint_writes_checkpoint_and_exits_130(tmp_path):
     bad = [*map(str, VALIDATE), "--out", str(out), "--resume"]
     bad[bad.index("lr=3e-3")] = "lr=2e-3"
     assert main(bad) == 2
+
+
+def test_compile_cache_is_used_and_changes_no_output(tmp_path):
+    """The CLI keeps compiled code in $FLOWGEN_COMPILE_CACHE; a second run reads it and
+    writes the same report (the cache only shortens start-up)."""
+    cache = tmp_path / "xla"
+    reports = []
+    for name in ("cold", "warm"):
+        argv, env = _cli(*VALIDATE, "--out", tmp_path / name)
+        env["FLOWGEN_COMPILE_CACHE"] = str(cache)
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+        assert proc.returncode in (0, 1), proc.stderr[-2000:]
+        reports.append(json.loads((tmp_path / name / "report.json").read_text()))
+        if name == "cold":
+            entries = sorted(p.name for p in cache.iterdir())
+            assert entries, "nothing was cached"
+    assert set(entries) <= {p.name for p in cache.iterdir()}
+    _series_equal(reports[0]["series"], reports[1]["series"], tol=0.0)
+    assert reports[0]["summary"] == reports[1]["summary"]

@@ -101,7 +101,10 @@ B_REC = 8  # unit records per jitted call (static buffer size)
 class CentralConfig:
     substeps: int = 2  # Euler substeps per unit time (one step)
     margin: float = 0.02  # critical set: eigenvalues >= c (1 - margin)
-    track_frac: float = 0.9  # track every eigenvalue above this fraction of c
+    # track every eigenvalue above this fraction of c (0.95: on digits-mlp under GD at
+    # k = 1 the block is 2 columns wide instead of ~3, 5.5 HVPs per unit instead of 8.6,
+    # with the README's validations unchanged within 0.001 of central distance)
+    track_frac: float = 0.95
     k_max: int = 12  # at most this many tracked eigenvalues
     eig_tol: float = 3e-4  # residual tolerance of the critical eigenpairs, relative to lambda_max
     freeze_w: bool = False  # relax the states and Sigma with w-bar frozen (stationary analysis)
