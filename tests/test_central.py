@@ -3,6 +3,8 @@ jitted analysis against independent computations."""
 
 from __future__ import annotations
 
+import gc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,6 +209,10 @@ def test_clear_caches_empties_compiled_code(at_eos):
     lru.put(3, (c,), "C")  # drops 2
     assert lru.get(2, (b,)) is None and lru.get(1, (a,)) == "A" and len(lru) == 2
     assert lru.get(1, (b,)) is None  # a key whose owner is another object misses
+    n_live = len(caches._CACHES)
+    caches.OwnedCache()  # a throwaway cache is not kept alive by the registry
+    gc.collect()
+    assert len(caches._CACHES) == n_live
 
     first = flow(at_eos).advance(2)
     assert 1 <= len(central._KERNELS) <= caches.CACHE_SIZE

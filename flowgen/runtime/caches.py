@@ -11,17 +11,19 @@ call :func:`clear_caches` between them; nothing is lost but compile time.
 from __future__ import annotations
 
 import gc
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 #: entries per cache: a process rarely alternates between more problems than this
 CACHE_SIZE = 4
 
-_CLEARERS: list[Callable[[], None]] = []
+_CLEARERS: list[Callable[[], None]] = []  # module-level caches (functools.lru_cache)
+_CACHES: weakref.WeakSet = weakref.WeakSet()  # every live OwnedCache (none kept alive)
 
 
 def register(clear: Callable[[], None]) -> Callable[[], None]:
-    """Record ``clear`` (empties one cache) for :func:`clear_caches`; returns it."""
+    """Record ``clear`` (empties a module-level cache) for :func:`clear_caches`."""
     _CLEARERS.append(clear)
     return clear
 
@@ -33,7 +35,10 @@ class OwnedCache:
     def __init__(self, size: int = CACHE_SIZE):
         self.size = size
         self._d: OrderedDict = OrderedDict()
-        register(self._d.clear)
+        _CACHES.add(self)  # weakly: a cache that is dropped leaves the registry with it
+
+    def clear(self) -> None:
+        self._d.clear()
 
     def get(self, key: Hashable, owners: tuple):
         hit = self._d.get(key)
@@ -59,5 +64,7 @@ def clear_caches() -> None:
 
     for clear in _CLEARERS:
         clear()
+    for cache in list(_CACHES):
+        cache.clear()
     jax.clear_caches()
     gc.collect()
