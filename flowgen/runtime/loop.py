@@ -521,17 +521,7 @@ class Experiment:
         elif self.resume:
             self.store.load()  # raises the "no checkpoint" error
         while True:
-            if (
-                self.t == 0
-                and not self.warm_up
-                and not np.isfinite(self.series["sharpness_discrete"][0])
-            ):
-                # step 0 is measured (without state: with states at 0 the preconditioner can
-                # be singular there), so a run that sharpens past eos_frac·c before its first
-                # eig_every-th step still has a measurement below the level
-                meter = self.meters["discrete"]
-                val = meter(self.discrete.w, self.discrete.state, 1.0)
-                self.series.put("sharpness_discrete", 0, val)
+            self._measure_start()
             self._start_due()
             while self.t < self.N:
                 self._step(self._next_chunk())
@@ -544,6 +534,16 @@ class Experiment:
                 continue
             self._finish()
             return self
+
+    def _measure_start(self) -> None:
+        """The discrete sharpness at step 0, for an optimizer without state (with states
+        at 0 the preconditioner can be singular there): a run that sharpens past
+        ``eos_frac·c`` before its first ``eig_every``-th step still has a measurement
+        below the level, and one that starts above it is at the edge from step 0."""
+        if self.t != 0 or self.warm_up or np.isfinite(self.series["sharpness_discrete"][0]):
+            return
+        val = self.meters["discrete"](self.discrete.w, self.discrete.state, 1.0)
+        self.series.put("sharpness_discrete", 0, val)
 
     def _finish(self) -> None:
         """Values at ``N`` of flows whose chunks record at the start of each unit."""
