@@ -220,3 +220,51 @@ def test_clear_caches_empties_compiled_code(at_eos):
     assert len(central._KERNELS) == 0 and len(lru) == 0
     again = flow(at_eos).advance(2)
     np.testing.assert_allclose(np.asarray(again.w), np.asarray(first.w), rtol=1e-12)
+
+
+def test_carried_contractions_are_the_rotated_ones():
+    """G is multilinear in U: for U' = U R (same span) the fresh contractions equal the
+    carried ones, G'_ab = Σ R_ia R_jb G_ij, which is what the substep without fresh
+    contractions uses (``CentralConfig.third_every``)."""
+    from flowgen.precision import float64
+    from flowgen.runtime import derivatives
+
+    with float64():
+        prob = get_problem("digits-mlp", width=8)
+        n = prob.w0.shape[0]
+        U = jax.random.normal(jax.random.PRNGKey(0), (n, 3))
+        R, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(1), (3, 3)))
+        G = derivatives.third_contractions(prob.loss, prob.w0, U)
+        fresh = derivatives.third_contractions(prob.loss, prob.w0, U @ R)
+        carried = jnp.einsum("ia,jb,ijn->abn", R, R, G)
+    assert float(jnp.abs(G).max()) > 0
+    np.testing.assert_allclose(np.asarray(carried), np.asarray(fresh), rtol=0, atol=1e-12 * float(jnp.abs(G).max()))
+
+
+@pytest.mark.slow
+def test_third_every_halves_contractions_and_keeps_the_flow():
+    """GD on the tanh MLP at its edge (G ≠ 0, unlike the quadratic's): with fresh
+    contractions at every second substep the flow spends about half the contractions
+    and stays within 1e-3 of the travelled distance of the every-substep flow."""
+    from flowgen.precision import float64
+
+    with float64():
+        prob = get_problem("digits-mlp")  # at its edge from step 16 (README)
+        opt = flowgen.load(OPT / "gd.opt").optimizer(lr=0.4)
+        d = DiscreteProcess(opt, prob, prob.w0)
+        d.advance(200)
+        flows = {
+            e: CentralFlow(opt, prob, d.w, d.state, 200, CentralConfig(third_every=e))
+            for e in (1, 2)
+        }
+        chunks = {e: f.advance(30) for e, f in flows.items()}
+    ks = chunks[1].series["n_crit"]
+    assert ks.min() >= 1, "the restart should be at the edge of stability"
+    c1, c2 = (flows[e].counters["contractions"] for e in (1, 2))
+    assert c2 <= 0.6 * c1
+    w0 = np.asarray(d.w)
+    w1, w2 = (np.asarray(flows[e].w) for e in (1, 2))
+    travelled = np.linalg.norm(w1 - w0)
+    assert travelled > 0
+    assert np.linalg.norm(w2 - w1) <= 1e-3 * travelled
+    np.testing.assert_allclose(chunks[2].series["sharpness"], chunks[1].series["sharpness"], rtol=1e-3)

@@ -230,3 +230,69 @@ def test_nan_raises():
     B[0, 0] = np.nan
     with pytest.raises(SimulationError, match="NaN"):
         solve_sdcp(A0, B)
+
+
+# --- the in-JAX path (full-rank faces inside the central flow's jitted call) --------
+
+
+def full_rank_problem(k, seed, asym=0.0):
+    """A monotone problem whose solution is full rank: A0 = −B[X*] for X* ≻ 0."""
+    _, B = random_problem(k, seed, asym)
+    rng = np.random.default_rng(seed + 100)
+    C = rng.normal(size=(k, k))
+    Xs = C @ C.T + 0.1 * np.eye(k)
+    return -apply_B(B, Xs), B, Xs
+
+
+@pytest.mark.parametrize("k,seed,asym", [(2, 0, 0.0), (3, 1, 0.0), (4, 2, 0.05), (6, 3, 0.0)])
+def test_jax_full_rank_face_matches_cvxpy(k, seed, asym):
+    import jax
+    import jax.numpy as jnp
+
+    from flowgen.precision import float64
+
+    A0, B, Xs = full_rank_problem(k, seed, asym)
+    with float64():
+        X, ok = jax.jit(sdcp.solve_sdcp_jax)(jnp.asarray(A0), jnp.asarray(B))
+    assert bool(ok)
+    np.testing.assert_allclose(np.asarray(X), Xs, rtol=1e-10, atol=1e-12)
+    r = solve_sdcp(A0, B)
+    np.testing.assert_allclose(np.asarray(X), r.X, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("k,seed,asym", [(2, 0, 0.0), (3, 1, 0.0), (3, 2, 0.0), (4, 3, 0.05)])
+def test_jax_rank_deficient_faces_match_cvxpy(k, seed, asym):
+    """random_problem's solutions are rank-deficient (checked): the semismooth Newton
+    finds the same face and X as cvxpy + polish; a PSD A0 gives X = 0."""
+    import jax
+    import jax.numpy as jnp
+
+    from flowgen.precision import float64
+
+    A0, B = random_problem(k, seed, asym)
+    r = solve_sdcp(A0, B)
+    mu = np.linalg.eigvalsh(r.X)
+    assert mu[0] < 1e-6 * mu[-1]  # the reference solution is rank-deficient
+    with float64():
+        X, ok = jax.jit(sdcp.solve_sdcp_jax)(jnp.asarray(A0), jnp.asarray(B))
+        assert bool(ok)
+        np.testing.assert_allclose(np.asarray(X), r.X, atol=1e-9 * np.abs(r.X).max())
+        check_complementarity(np.asarray(X), A0, B, atol=1e-12)
+        X, ok = sdcp.solve_sdcp_jax(jnp.asarray(np.eye(k)), jnp.asarray(B))
+    assert bool(ok) and not np.any(np.asarray(X))
+
+
+def test_jax_path_declines_non_monotone():
+    """B_s indefinite: the solution need not be unique; the JAX path leaves it to cvxpy."""
+    import jax.numpy as jnp
+
+    from flowgen.precision import float64
+
+    k = 2
+    Q = sym_basis(k)
+    By = np.diag([1.0, -0.5, 2.0])
+    B = Q @ By @ Q.T
+    A0 = -apply_B(B, np.eye(k))  # X = I solves A0 + B[X] = 0 but B is not monotone
+    with float64():
+        X, ok = sdcp.solve_sdcp_jax(jnp.asarray(A0), jnp.asarray(B))
+    assert not bool(ok)

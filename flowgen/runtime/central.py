@@ -25,8 +25,10 @@ what is recorded there):
    path by which X reaches it (directly via ``Eg``, via the preconditioner's
    state and via momentum) — linearised: ``A₀ = F(0)``, ``B = ∂F/∂X``
    (forward mode on the generated drift);
-5. the SDCP ``0 ⪯ X ⟂ A₀ + B[X] ⪰ 0``: for k ≤ 1 in closed form inside the
-   same jitted call (``X = max(0, −a/b)``), for k ≥ 2 by cvxpy
+5. the SDCP ``0 ⪯ X ⟂ A₀ + B[X] ⪰ 0``, inside the same jitted call: for
+   k ≤ 1 in closed form (``X = max(0, −a/b)``), for k ≥ 2 when its solution
+   is 0 or full rank (:func:`~flowgen.runtime.sdcp.solve_sdcp_jax`); only a
+   rank-deficient face goes to cvxpy in Python
    (:func:`~flowgen.runtime.sdcp.solve_sdcp`);
 6. the moments, affine in X: ``Eg = g₀ + ½ Σ X_ij G_ij``,
    ``Vg = diag(HU X (HU)ᵀ)``.
@@ -34,8 +36,8 @@ what is recorded there):
 **One Euler substep** of size ``dt`` moves with the analysis of its start:
 the generated ``drift`` for the states first (``s' = s + dt·ṡ``), then ``w``
 reads the new states (``w' = w + dt·ẇ``). One jitted call does the step and
-the analysis of the new point (steps 1–6 for k ≤ 1; 1–4 for k ≥ 2, then the
-SDCP in Python): that analysis is cached, it is both what the record at an
+the analysis of the new point (steps 1–6; 1–4 then the SDCP in Python on a
+rank-deficient face): that analysis is cached, it is both what the record at an
 integer time shows and what the next substep uses. A change of the critical
 count ``k`` (a static shape) or of the number of tracked eigenvalues redoes
 the analysis of that point with the new shapes (rare).
@@ -72,7 +74,7 @@ from flowgen.precision import in_float64
 from flowgen.problems import Problem
 from flowgen.runtime import caches, derivatives, eigen
 from flowgen.runtime.optimizer import Optimizer
-from flowgen.runtime.sdcp import solve_sdcp
+from flowgen.runtime.sdcp import solve_sdcp, solve_sdcp_jax
 
 __all__ = ["CentralConfig", "CentralFlow", "CentralChunk", "SubstepRecord", "Analysis"]
 
@@ -89,12 +91,21 @@ SERIES = (
 # flags of an analysis (a bitmask computed in the jitted call; handled in Python)
 GROW = 1  # every tracked eigenvalue is above the tracking cut: track more
 RESHAPE = 2  # the critical count k does not fit the static shapes (kp)
-SDCP = 4  # k ≥ 2: the SDCP is solved in Python (cvxpy)
+SDCP = 4  # k ≥ 2 on a rank-deficient face: the SDCP is solved in Python (cvxpy)
 SHRINK = 8  # more than two tracked eigenvalues below the cut: track fewer
 ERROR = 16  # non-finite w or eigenvalues, eigensolver not converged, or a bad constraint
 # status codes of the constraint
 _OK, _NO_RESTORING, _NOT_FINITE = 0, 1, 2
 B_REC = 8  # unit records per jitted call (static buffer size)
+# G is carried to the next substep only while the critical basis turns less than this:
+# max |RᵀR − I| with R = Q_oldᵀ Q_new (0 when span(Q) did not move)
+_CARRY_TURN = 0.05
+
+
+def _turned(Q_old, Q_new):
+    """Whether the critical subspace turned too much to carry G over (a traced bool)."""
+    R = Q_old.T @ Q_new
+    return jnp.max(jnp.abs(R.T @ R - jnp.eye(R.shape[0], dtype=R.dtype))) > _CARRY_TURN
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,11 @@ class CentralConfig:
     # k = 1 the block is 2 columns wide instead of ~3, 5.5 HVPs per unit instead of 8.6,
     # with the README's validations unchanged within 0.001 of central distance)
     track_frac: float = 0.95
+    # third-derivative contractions G are computed afresh at every this-many substeps
+    # (and whenever k changes or the critical subspace turns); in between G is carried
+    # over, rotated onto the new eigenvectors: G_ab ← Σ R_ia R_jb G_ij, R = Q_oldᵀ Q_new.
+    # 1: fresh at every substep
+    third_every: int = 2
     k_max: int = 12  # at most this many tracked eigenvalues
     eig_tol: float = 3e-4  # residual tolerance of the critical eigenpairs, relative to lambda_max
     freeze_w: bool = False  # relax the states and Sigma with w-bar frozen (stationary analysis)
@@ -139,7 +155,7 @@ class Analysis(NamedTuple):
     HU: jax.Array  # (n, kp) H U
     A0: jax.Array  # (kp, kp) linearised constraint at X = 0
     B: jax.Array  # (kp², kp²) its derivative in vec(X)
-    X: jax.Array  # (kp, kp) the SDCP solution (zeros until solved in Python for k ≥ 2)
+    X: jax.Array  # (kp, kp) the SDCP solution (zeros until solved in Python if flagged SDCP)
     Eg: jax.Array  # (n,) E[g] with this X
     Vg: jax.Array  # (n,) Var[g] with this X
     status: jax.Array  # () 0 ok, 1 no restoring curvature (k = 1), 2 non-finite constraint
@@ -261,10 +277,6 @@ class _Kernels:
             p = precond(w, s, t)
             sp = jnp.sqrt(p)[:, None]  # (n, 1)
 
-            def block(Z):  # (n, b) -> (n, b): S Z
-                hv = jax.vmap(lambda z: eigen.hvp(loss, w, z), in_axes=1, out_axes=1)
-                return sp * hv(sp * Z)
-
             def first(Z):  # S Z and (L, g₀) from one forward-over-reverse pass
                 def one(z):
                     (L, g), (_, hz) = jax.jvp(vg, (w,), (sp[:, 0] * z,))
@@ -272,6 +284,9 @@ class _Kernels:
 
                 L, g, HZ = jax.vmap(one, in_axes=1, out_axes=(None, None, 1))(Z)
                 return sp * HZ, (L, g)
+
+            def block(Z):  # (n, b) -> (n, b): S Z (the primal is dead code, dropped by XLA)
+                return first(Z)[0]
 
             V0 = V
             if cfg.extrapolate:
@@ -323,9 +338,12 @@ class _Kernels:
                 x = jnp.where(a >= 0.0, 0.0, -a / jnp.where(b > 0.0, b, 1.0))
                 status = jnp.where((a < 0.0) & ~(b > 0.0) & finite, _NO_RESTORING, status)
                 X = jnp.where(finite & (status == _OK), x, 0.0).reshape(1, 1)
-            else:
-                X = Z
-            return A0, B, X, status
+                solved = jnp.asarray(True)
+            else:  # X = 0 or a full-rank face in JAX; other faces by cvxpy in Python
+                X, solved = solve_sdcp_jax(A0, B)
+                solved = solved & finite
+                X = jnp.where(solved, X, 0.0)
+            return A0, B, X, status, solved
 
         def records(L, g0, vals, k, X, Eg, Vg):  # the SERIES at a point
             kp = X.shape[0]
@@ -343,8 +361,13 @@ class _Kernels:
                 ]
             )
 
-        def analyse(w, s, t, dt, V, D, k_track, kp, call):
-            """The analysis of a point; ``call(name, fn, *args)`` runs one stage."""
+        def analyse(w, s, t, dt, V, D, k_track, kp, call, prev=None, fresh=True, cond=None):
+            """The analysis of a point; ``call(name, fn, *args)`` runs one stage.
+
+            ``prev = (G, Q, k)`` of the previous analysis: unless ``fresh`` (or the
+            critical count changed, or the critical subspace turned), ``G`` is carried
+            over, rotated onto the new basis (``CentralConfig.third_every``).
+            ``cond(pred, fresh_fn, carry_fn)`` chooses (``lax.cond`` when traced)."""
             L, g0, p, r, dvecs = call("eigensolver", eigen_stage, w, s, t, V, D, k_track)
             m = r.vals.shape[0]
             tracked = jnp.arange(m) < k_track
@@ -356,10 +379,22 @@ class _Kernels:
             if kp == 1:
                 on = k > 0
                 HU = jnp.where(on, HU, 0.0)
-                G = call("third_derivatives", third_stage, w, U, k)  # (1, 1, n)
+                third = lambda: call("third_derivatives", third_stage, w, U, k)  # noqa: E731
             else:
-                G = call("third_derivatives", third_stage, w, U)  # (k, k, n)
-            A0, B, X, status = call("rates", constraint_stage, w, s, t, dt, g0, G, HU, p, Q, lam)
+                third = lambda: call("third_derivatives", third_stage, w, U)  # noqa: E731
+            if prev is None:
+                G = third()  # (kp, kp, n)
+            else:
+                G_prev, Q_prev, k_prev = prev
+                R = Q_prev.T @ Q  # (kp, kp): the old critical basis in the new one
+                G = (cond or jax.lax.cond)(
+                    fresh | (k != k_prev) | _turned(Q_prev, Q),
+                    third,
+                    lambda: jnp.einsum("ia,jb,ijn->abn", R, R, G_prev),
+                )
+            A0, B, X, status, solved = call(
+                "rates", constraint_stage, w, s, t, dt, g0, G, HU, p, Q, lam
+            )
             if kp == 1:
                 X = jnp.where(on, X, 0.0)
                 status = jnp.where(on, status, _OK)
@@ -371,7 +406,7 @@ class _Kernels:
             flags = (
                 jnp.where((r.vals[last] > cut) & (k_track < k_max), GROW, 0)
                 | jnp.where((k > 1) if kp == 1 else (k != kp), RESHAPE, 0)
-                | (SDCP if kp > 1 else 0)
+                | jnp.where(solved, 0, SDCP)
                 | jnp.where(k_track - above > cfg.track_below, SHRINK, 0)
                 | jnp.where(bad, ERROR, 0)
             )
@@ -425,7 +460,10 @@ class _Kernels:
                 w1 = jnp.where(move, w1, w)
                 s1 = jax.tree_util.tree_map(lambda x, y: jnp.where(move, x, y), s1, s)
                 t1 = t_rate(unit1, sub1, S, t0)
-                a1 = analyse(w1, s1, t1, dt, a.vecs, a.dvecs, k_track, kp, inline)
+                fresh = ~move | (sub1 % cfg.third_every == 0)
+                prev = (a.G, a.vecs[:, :kp], a.n_crit)
+                a1 = analyse(w1, s1, t1, dt, a.vecs, a.dvecs, k_track, kp, inline, prev, fresh)
+                fresh = fresh | (a1.n_crit != a.n_crit) | _turned(a.vecs[:, :kp], a1.vecs[:, :kp])
                 a1 = a1._replace(flags=a1.flags | jnp.where(jnp.all(jnp.isfinite(w1)), 0, ERROR))
                 boundary = move & (sub1 == 0)
                 write = boundary & (a1.flags == 0)
@@ -441,7 +479,13 @@ class _Kernels:
                 )
                 kk = a1.n_crit
                 counts = counts + jnp.stack(
-                    [1, a1.matvecs, a1.iterations, kk * (kk + 1) // 2, move.astype(jnp.int64)]
+                    [
+                        1,
+                        a1.matvecs,
+                        a1.iterations,
+                        jnp.where(fresh, kk * (kk + 1) // 2, 0),
+                        move.astype(jnp.int64),
+                    ]
                 ).astype(jnp.int64)
                 pending = boundary & (a1.flags != 0)
                 return i + 1, w1, s1, a1, unit1, sub1, n_rec + write, bufs, counts, pending
@@ -526,6 +570,10 @@ class CentralFlow:
             )
         if int(config.substeps) < 1:
             raise ValueError(f"substeps must be a positive integer, got {config.substeps!r}")
+        if int(config.third_every) < 1:
+            raise ValueError(
+                f"third_every must be a positive integer, got {config.third_every!r}"
+            )
         self.opt, self.problem, self.cfg = opt, problem, config
         self.c = float(opt.threshold)
         self.w = jnp.asarray(w0)
@@ -653,13 +701,27 @@ class CentralFlow:
         else:
             self._loop(self._blank(V, kp), 1, True, None)
 
-    def _profiled_analysis(self, w, s, unit, sub, V, D, kp) -> Analysis:
+    def _profiled_analysis(self, w, s, unit, sub, V, D, kp, prev=None) -> Analysis:
+        """The analysis by separately jitted, timed stages; ``prev``: the analysis the
+        substep started from (G may be carried over from it, as in the fused loop)."""
         t = self._kern.t_rate(unit, sub, self.S, self.t0)
-        a = self._kern.analyse(w, s, t, self.dt, V, D, self._k_track, kp, self._call_profiled)
+        fresh = prev is None or sub % self.cfg.third_every == 0
+        carried = []
+
+        def cond(pred, fresh_fn, carry_fn):
+            if bool(pred):
+                return fresh_fn()
+            carried.append(True)
+            return carry_fn()
+
+        a = self._kern.analyse(
+            w, s, t, self.dt, V, D, self._k_track, kp, self._call_profiled,
+            None if prev is None else (prev.G, prev.vecs[:, :kp], prev.n_crit), fresh, cond,
+        )  # fmt: skip
         self.counters["analyses"] += 1
         self.counters["hvps"] += int(a.matvecs)
         self.counters["eig_iterations"] += int(a.iterations)
-        self.counters["contractions"] += a.k * (a.k + 1) // 2
+        self.counters["contractions"] += 0 if carried else a.k * (a.k + 1) // 2
         return a
 
     def _settle(self) -> None:
@@ -766,7 +828,7 @@ class CentralFlow:
             unit, sub = (self._unit, self._sub + 1)
             if sub == self.S:
                 unit, sub = unit + 1, 0
-            self._a = self._profiled_analysis(w1, s1, unit, sub, a.vecs, a.dvecs, a.kp)
+            self._a = self._profiled_analysis(w1, s1, unit, sub, a.vecs, a.dvecs, a.kp, a)
             if not bool(ok):
                 self._a = self._a._replace(flags=self._a.flags | ERROR)
             self.w, self.state, self._unit, self._sub = w1, s1, unit, sub
