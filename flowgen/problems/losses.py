@@ -7,16 +7,24 @@ predicted positions of every sequence):
 * ``mse``: ``L = ½ · mean_i ‖f_i − e_{y_i}‖²`` (squared error summed over the
   ``C`` outputs, averaged over predictions);
 * ``ce``:  ``L = mean_i (logsumexp(f_i) − f_i[y_i])``.
+
+:func:`supervised` turns a network (a parameter tree and its logits) into a
+:class:`~flowgen.problems.base.Problem` with these criteria: the one place the
+built-in networks flatten their parameters and describe themselves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
-__all__ = ["CRITERIA", "FORMULAS", "ce", "criterion_fn", "mse"]
+from flowgen.problems.base import Problem
+
+__all__ = ["CRITERIA", "FORMULAS", "ce", "criterion_fn", "mse", "supervised"]
 
 
 def mse(logits: jax.Array, onehot: jax.Array) -> jax.Array:
@@ -42,3 +50,47 @@ FORMULAS = {
 def criterion_fn(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The criterion called ``name`` (``"mse"`` or ``"ce"``; checked by the caller)."""
     return CRITERIA[name]
+
+
+def supervised(
+    name: str,
+    params: Any,
+    logits_of: Callable[[Any], jax.Array],
+    targets: jax.Array,
+    criterion: str,
+    *,
+    options: Mapping[str, Any],
+    data: str,
+    **facts: Any,
+) -> Problem:
+    """The built-in problem ``L(w) = criterion(logits_of(unravel(w)), targets)``.
+
+    Args:
+        name: the built-in's name (``info["builtin"]`` and the problem's name).
+        params: the initial parameter tree; flattened with ``ravel_pytree`` into ``w0``.
+        logits_of: maps a parameter tree to the logits, shape ``targets.shape``.
+        targets: one-hot targets ``(m, C)``.
+        criterion: ``"mse"`` or ``"ce"`` (checked by the caller).
+        options: the constructor's checked options, as recorded in ``info``.
+        data: the dataset's name (``"digits"``, ``"sorting"``).
+        **facts: further plain facts for ``info`` (e.g. ``n_examples``).
+
+    Returns:
+        The problem; its ``info`` holds ``builtin``, ``options``, ``n_params``,
+        ``data``, the facts and the loss as a formula, in that order.
+    """
+    w0, unravel = ravel_pytree(params)
+    crit = criterion_fn(criterion)
+
+    def loss(w: jax.Array) -> jax.Array:
+        return crit(logits_of(unravel(w)), targets)
+
+    info = {
+        "builtin": name,
+        "options": dict(options),
+        "n_params": int(w0.shape[0]),
+        "data": data,
+        **facts,
+        "loss": FORMULAS[criterion],
+    }
+    return Problem(name=name, loss=loss, w0=w0, unravel=unravel, info=info)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from flowgen.precision import in_float64
 from flowgen.problems import data, losses, nn
@@ -75,24 +74,25 @@ def cnn(
         "convs": convs,
         "readout": nn.dense_init(rng, side * side * channels, classes, init_scale),
     }
-    w0, unravel = ravel_pytree(params)
 
     patches = jnp.asarray(nn.image_patches(x))  # (n, 8, 8, 9): the first layer's inputs
     y_j = jnp.asarray(data.one_hot(labels, classes))  # (n, classes)
     act = nn.ACTIVATIONS[activation]
-    crit = losses.criterion_fn(criterion)
 
-    def loss(w: jax.Array) -> jax.Array:
-        p = unravel(w)
+    def logits_of(p: dict) -> jax.Array:
         h = nn.avg_pool2(act(nn.conv2d_patches(p["convs"][0], patches)))  # (n, 4, 4, channels)
         for conv in p["convs"][1:]:
             h = nn.avg_pool2(act(nn.conv2d(conv, h)))  # (n, H/2, W/2, channels)
         logits = nn.dense(p["readout"], h.reshape(n, -1))  # (n, classes)
-        return crit(logits, y_j)
+        return logits
 
-    info = {
-        "builtin": "cnn",
-        "options": {
+    return losses.supervised(
+        "cnn",
+        params,
+        logits_of,
+        y_j,
+        criterion,
+        options={
             "n": n,
             "classes": classes,
             "channels": channels,
@@ -102,9 +102,6 @@ def cnn(
             "criterion": criterion,
             "seed": seed,
         },
-        "n_params": int(w0.shape[0]),
-        "data": "digits",
-        "n_examples": n,
-        "loss": losses.FORMULAS[criterion],
-    }
-    return Problem(name="cnn", loss=loss, w0=w0, unravel=unravel, info=info)
+        data="digits",
+        n_examples=n,
+    )

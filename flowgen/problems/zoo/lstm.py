@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from flowgen.precision import in_float64
 from flowgen.problems import data, losses, nn
@@ -94,23 +93,24 @@ def lstm(
         "layers": [nn.dense_init(rng, 2 * width, 4 * width) for _ in range(depth)],
         "readout": nn.dense_init(rng, width, vocab, init_scale),
     }
-    w0, unravel = ravel_pytree(params)
 
     x_j = jnp.asarray(data.one_hot(task.tokens, vocab))  # (n, 2·length − 1, vocab)
     y_j = jnp.asarray(data.one_hot(task.targets, vocab).reshape(n * length, vocab))
-    crit = losses.criterion_fn(criterion)
 
-    def loss(w: jax.Array) -> jax.Array:
-        p = unravel(w)
+    def logits_of(p: dict) -> jax.Array:
         h = x_j @ p["embed"]  # (n, T, width)
         for layer in p["layers"]:
             h = lstm_layer(layer, h)  # (n, T, width)
         logits = nn.dense(p["readout"], h[:, task.predicted])  # (n, length, vocab)
-        return crit(logits.reshape(n * length, vocab), y_j)
+        return logits.reshape(n * length, vocab)
 
-    info = {
-        "builtin": "lstm",
-        "options": {
+    return losses.supervised(
+        "lstm",
+        params,
+        logits_of,
+        y_j,
+        criterion,
+        options={
             "n": n,
             "vocab": vocab,
             "length": length,
@@ -120,10 +120,7 @@ def lstm(
             "criterion": criterion,
             "seed": seed,
         },
-        "n_params": int(w0.shape[0]),
-        "data": "sorting",
-        "n_sequences": n,
-        "n_predictions": n * length,
-        "loss": losses.FORMULAS[criterion],
-    }
-    return Problem(name="lstm", loss=loss, w0=w0, unravel=unravel, info=info)
+        data="sorting",
+        n_sequences=n,
+        n_predictions=n * length,
+    )

@@ -11,7 +11,6 @@ import inspect
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from flowgen.errors import ProblemError
 from flowgen.precision import in_float64
@@ -83,24 +82,24 @@ def mlp(
     for k, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         w = rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in) * scales[k]
         params.append({"W": jnp.asarray(w), "b": jnp.zeros(fan_out, dtype=jnp.float64)})
-    w0, unravel = ravel_pytree(params)
 
     x_j = jnp.asarray(x)  # (n, d)
     y_j = jnp.asarray(data.one_hot(labels, classes))  # (n, classes)
     act = nn.ACTIVATIONS[activation]
-    crit = losses.criterion_fn(criterion)
 
-    def loss(w: jax.Array) -> jax.Array:
-        layers = unravel(w)
+    def logits_of(layers: list) -> jax.Array:
         h = x_j  # (n, d)
         for layer in layers[:-1]:
             h = act(h @ layer["W"] + layer["b"])  # (n, width)
-        out = h @ layers[-1]["W"] + layers[-1]["b"]  # (n, classes)
-        return crit(out, y_j)
+        return h @ layers[-1]["W"] + layers[-1]["b"]  # (n, classes)
 
-    info = {
-        "builtin": "mlp",
-        "options": {
+    return losses.supervised(
+        "mlp",
+        params,
+        logits_of,
+        y_j,
+        criterion,
+        options={
             "n": n,
             "classes": classes,
             "width": width,
@@ -111,14 +110,11 @@ def mlp(
             "keep_constant": bool(keep_constant),
             "criterion": criterion,
         },
-        "n_params": int(w0.shape[0]),
-        "data": "digits",
-        "n_inputs": int(n_inputs),
-        "n_examples": n,
-        "dropped_pixels": dropped,
-        "loss": losses.FORMULAS[criterion],
-    }
-    return Problem(name="mlp", loss=loss, w0=w0, unravel=unravel, info=info)
+        data="digits",
+        n_inputs=int(n_inputs),
+        n_examples=n,
+        dropped_pixels=dropped,
+    )
 
 
 def digits_mlp(*args, **kwargs) -> Problem:

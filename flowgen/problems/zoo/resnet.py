@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from flowgen.precision import in_float64
 from flowgen.problems import data, losses, nn
@@ -90,26 +89,27 @@ def resnet(
         "norm": nn.norm_init(channels),
         "readout": nn.dense_init(rng, channels, classes, init_scale),
     }
-    w0, unravel = ravel_pytree(params)
 
     patches = jnp.asarray(nn.image_patches(x))  # (n, 8, 8, 9): the stem's inputs
     y_j = jnp.asarray(data.one_hot(labels, classes))  # (n, classes)
     act = nn.ACTIVATIONS[activation]
-    crit = losses.criterion_fn(criterion)
 
-    def loss(w: jax.Array) -> jax.Array:
-        p = unravel(w)
+    def logits_of(p: dict) -> jax.Array:
         h = nn.avg_pool2(nn.conv2d_patches(p["stem"], patches))  # (n, 4, 4, channels)
         for blk in p["blocks"]:
             r = nn.conv2d(blk["conv1"], act(nn.group_norm(blk["norm1"], h, groups)))
             h = h + nn.conv2d(blk["conv2"], act(nn.group_norm(blk["norm2"], r, groups)))
         feats = jnp.mean(act(nn.group_norm(p["norm"], h, groups)), axis=(1, 2))  # (n, channels)
         logits = nn.dense(p["readout"], feats)  # (n, classes)
-        return crit(logits, y_j)
+        return logits
 
-    info = {
-        "builtin": "resnet",
-        "options": {
+    return losses.supervised(
+        "resnet",
+        params,
+        logits_of,
+        y_j,
+        criterion,
+        options={
             "n": n,
             "classes": classes,
             "channels": channels,
@@ -120,9 +120,6 @@ def resnet(
             "criterion": criterion,
             "seed": seed,
         },
-        "n_params": int(w0.shape[0]),
-        "data": "digits",
-        "n_examples": n,
-        "loss": losses.FORMULAS[criterion],
-    }
-    return Problem(name="resnet", loss=loss, w0=w0, unravel=unravel, info=info)
+        data="digits",
+        n_examples=n,
+    )

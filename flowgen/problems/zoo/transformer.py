@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from flowgen.precision import in_float64
 from flowgen.problems import data, losses, nn
@@ -84,24 +83,25 @@ def transformer(
         "norm": nn.norm_init(width),
         "readout": nn.dense_init(rng, width, vocab, init_scale),
     }
-    w0, unravel = ravel_pytree(params)
 
     x_j = jnp.asarray(data.one_hot(task.tokens, vocab))  # (n, T, vocab)
     y_j = jnp.asarray(data.one_hot(task.targets, vocab).reshape(n * length, vocab))
-    crit = losses.criterion_fn(criterion)
 
-    def loss(w: jax.Array) -> jax.Array:
-        p = unravel(w)
+    def logits_of(p: dict) -> jax.Array:
         h = x_j @ p["embed"] + p["pos"]  # (n, T, width)
         for blk in p["blocks"]:
             h = nn.transformer_block(blk, h, heads, causal=True)
         h = nn.layer_norm(p["norm"], h[:, task.predicted])  # (n, length, width)
         logits = nn.dense(p["readout"], h)  # (n, length, vocab)
-        return crit(logits.reshape(n * length, vocab), y_j)
+        return logits.reshape(n * length, vocab)
 
-    info = {
-        "builtin": "transformer",
-        "options": {
+    return losses.supervised(
+        "transformer",
+        params,
+        logits_of,
+        y_j,
+        criterion,
+        options={
             "n": n,
             "vocab": vocab,
             "length": length,
@@ -112,10 +112,7 @@ def transformer(
             "criterion": criterion,
             "seed": seed,
         },
-        "n_params": int(w0.shape[0]),
-        "data": "sorting",
-        "n_sequences": n,
-        "n_predictions": n * length,
-        "loss": losses.FORMULAS[criterion],
-    }
-    return Problem(name="transformer", loss=loss, w0=w0, unravel=unravel, info=info)
+        data="sorting",
+        n_sequences=n,
+        n_predictions=n * length,
+    )

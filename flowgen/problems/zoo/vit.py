@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from flowgen.precision import in_float64
 from flowgen.problems import data, losses, nn
@@ -91,24 +90,25 @@ def vit(
         "norm": nn.norm_init(width),
         "readout": nn.dense_init(rng, width, classes, init_scale),
     }
-    w0, unravel = ravel_pytree(params)
 
     x_j = jnp.asarray(patches)  # (n, T, patch²)
     y_j = jnp.asarray(data.one_hot(labels, classes))  # (n, classes)
-    crit = losses.criterion_fn(criterion)
 
-    def loss(w: jax.Array) -> jax.Array:
-        p = unravel(w)
+    def logits_of(p: dict) -> jax.Array:
         h = nn.dense(p["embed"], x_j) + p["pos"]  # (n, T, width)
         for blk in p["blocks"]:
             h = nn.transformer_block(blk, h, heads, causal=False)
         feats = jnp.mean(nn.layer_norm(p["norm"], h), axis=1)  # (n, width)
         logits = nn.dense(p["readout"], feats)  # (n, classes)
-        return crit(logits, y_j)
+        return logits
 
-    info = {
-        "builtin": "vit",
-        "options": {
+    return losses.supervised(
+        "vit",
+        params,
+        logits_of,
+        y_j,
+        criterion,
+        options={
             "n": n,
             "classes": classes,
             "patch": patch,
@@ -119,10 +119,7 @@ def vit(
             "criterion": criterion,
             "seed": seed,
         },
-        "n_params": int(w0.shape[0]),
-        "data": "digits",
-        "n_examples": n,
-        "tokens": tokens,
-        "loss": losses.FORMULAS[criterion],
-    }
-    return Problem(name="vit", loss=loss, w0=w0, unravel=unravel, info=info)
+        data="digits",
+        n_examples=n,
+        tokens=tokens,
+    )
