@@ -238,7 +238,9 @@ def test_carried_contractions_are_the_rotated_ones():
         fresh = derivatives.third_contractions(prob.loss, prob.w0, U @ R)
         carried = jnp.einsum("ia,jb,ijn->abn", R, R, G)
     assert float(jnp.abs(G).max()) > 0
-    np.testing.assert_allclose(np.asarray(carried), np.asarray(fresh), rtol=0, atol=1e-12 * float(jnp.abs(G).max()))
+    np.testing.assert_allclose(
+        np.asarray(carried), np.asarray(fresh), rtol=0, atol=1e-12 * float(jnp.abs(G).max())
+    )
 
 
 @pytest.mark.slow
@@ -267,4 +269,6 @@ def test_third_every_halves_contractions_and_keeps_the_flow():
     travelled = np.linalg.norm(w1 - w0)
     assert travelled > 0
     assert np.linalg.norm(w2 - w1) <= 1e-3 * travelled
-    np.testing.assert_allclose(chunks[2].series["sharpness"], chunks[1].series["sharpness"], rtol=1e-3)
+    np.testing.assert_allclose(
+        chunks[2].series["sharpness"], chunks[1].series["sharpness"], rtol=1e-3
+    )

@@ -571,9 +571,7 @@ class CentralFlow:
         if int(config.substeps) < 1:
             raise ValueError(f"substeps must be a positive integer, got {config.substeps!r}")
         if int(config.third_every) < 1:
-            raise ValueError(
-                f"third_every must be a positive integer, got {config.third_every!r}"
-            )
+            raise ValueError(f"third_every must be a positive integer, got {config.third_every!r}")
         self.opt, self.problem, self.cfg = opt, problem, config
         self.c = float(opt.threshold)
         self.w = jnp.asarray(w0)

@@ -365,7 +365,9 @@ def solve_sdcp_jax(A0, B, *, max_iter: int = MAX_NEWTON):
         dmu = mu[:, None] - mu[None, :]
         tie = jnp.abs(dmu) <= 1e-14 * (1.0 + jnp.max(jnp.abs(mu)))
         pos = (mu[:, None] > 0) & (mu[None, :] > 0)
-        Om = jnp.where(tie, pos.astype(dtype), (mp[:, None] - mp[None, :]) / jnp.where(tie, 1.0, dmu))
+        Om = jnp.where(
+            tie, pos.astype(dtype), (mp[:, None] - mp[None, :]) / jnp.where(tie, 1.0, dmu)
+        )
         E = Q.T.reshape(d, k, k)  # basis matrices
 
         def dproj(H):  # DΠ_Z[H] in coordinates
@@ -387,12 +389,14 @@ def solve_sdcp_jax(A0, B, *, max_iter: int = MAX_NEWTON):
     Xn = 0.5 * (Xn + Xn.T)
     An = mat(a + Bn @ y)
     r = jnp.max(
-        jnp.stack([
-            jnp.zeros((), dtype),
-            -jnp.linalg.eigvalsh(Xn)[0],
-            -jnp.linalg.eigvalsh(An)[0],
-            jnp.abs(jnp.sum(Xn * An)),
-        ])
+        jnp.stack(
+            [
+                jnp.zeros((), dtype),
+                -jnp.linalg.eigvalsh(Xn)[0],
+                -jnp.linalg.eigvalsh(An)[0],
+                jnp.abs(jnp.sum(Xn * An)),
+            ]
+        )
     )
     solved = monotone & (r <= NEWTON_ACCEPT) & jnp.all(jnp.isfinite(Xn))
     zero = jnp.linalg.eigvalsh(A0)[0] >= 0.0
