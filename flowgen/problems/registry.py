@@ -130,10 +130,10 @@ REGISTRY: dict[str, Entry] = _entries(
           eos_step={"gd": 330, "rmsprop": 580, "adam": 170}),
     Entry("mamba", "mamba", "mamba", "sorting",
           "selective state-space model (Mamba blocks, lax.scan), predicting the sorted half",
-          suggested={"steps": 700, "steps_rmsprop": 1000, "steps_adam": 500, "gd": {"lr": 0.3},
+          suggested={"steps": 700, "steps_rmsprop": 1000, "steps_adam": 600, "gd": {"lr": 0.3},
                      "rmsprop": {"lr": 2e-4, "beta2": 0.99},
-                     "adam": {"lr": 5e-3, "beta1": 0.9, "beta2": 0.99}},
-          eos_step={"gd": 240, "rmsprop": 645, "adam": 60}),
+                     "adam": {"lr": 2e-3, "beta1": 0.9, "beta2": 0.99}},
+          eos_step={"gd": 240, "rmsprop": 645, "adam": 125}),
 )
 # fmt: on
 
