@@ -218,7 +218,8 @@ def _constant(node, hyper) -> np.float64 | None:
 
 def refusal(ref: Ref, hyper: dict[str, float]) -> str | None:
     """Why flowgen must refuse this (grammatical, name-correct) program at these
-    hyperparameters, or None: a limit of docs/language.md, or an overflow."""
+    hyperparameters, or None: a limit of docs/language.md, or an overflow at the
+    file's own hyperparameter values or at ``hyper``."""
     total = 0
     exprs = [e for _, e in ref.states.values()] + [e for _, e in ref.update]
     for expr in exprs:
@@ -226,11 +227,14 @@ def refusal(ref: Ref, hyper: dict[str, float]) -> str | None:
         total += nodes
         if depth > MAX_DEPTH or nodes > MAX_EXPR_NODES or total > MAX_PROGRAM_NODES:
             return "limits"
-    for expr in exprs:
-        try:
-            _constant_everywhere(expr, hyper)
-        except FloatingPointError:
-            return "overflow"
+    # the file's own values are checked with the file, whatever --set says later
+    # (docs/language.md, "Numbers"); then the values the step runs with
+    for values in (ref.hypers, hyper):
+        for expr in exprs:
+            try:
+                _constant_everywhere(expr, values)
+            except FloatingPointError:
+                return "overflow"
     return None
 
 

@@ -279,3 +279,25 @@ def test_fuzz_slow_counts():
     assert not failures, failures
     assert programs_run["slowest case, CPU (ms)"] < 10_000
     assert cli_run["slowest case, CPU (ms)"] < 10_000
+
+
+# ------------------------------------------------------------ cases the fuzzer found
+
+OVERFLOW_AT_DEFAULT = (
+    'optimizer fuzz "found by test_fuzz_slow_counts, seed 2024"\n'
+    "hyper v_hat = 1.5\nupdate {\n    w = 100 ^ v_hat ^ 100 ^ v_hat\n}\n"
+)
+
+
+@pytest.mark.parametrize(
+    "text, sets",
+    [
+        (OVERFLOW_AT_DEFAULT, {"v_hat": 0.99}),  # the file overflows, --set would not
+        (OVERFLOW_AT_DEFAULT.replace("1.5", "0.99"), {"v_hat": 1.5}),  # the reverse
+    ],
+)
+def test_an_overflow_at_the_files_values_or_at_set_is_refused(text, sets):
+    """The file is checked with its own values, the step with --set's (docs/language.md,
+    "Numbers"); the reference agrees with both."""
+    assert run_program(text, sets, 0, full_codegen=True) == "refused as required"
+    assert run_program(text.replace("1.5", "0.99"), {"v_hat": 0.98}, 0) == "match"
