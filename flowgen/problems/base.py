@@ -83,11 +83,19 @@ class Options:
 
         opts = Options("cnn", cnn)
         channels = opts.int("channels", channels, 1)   # "cnn needs an integer channels >= 1"
+
+    and records it in :attr:`values` (in the order checked), the ``options`` of the
+    problem's ``info``.
     """
 
     def __init__(self, problem: str, constructor: Callable):
         self.problem = problem
         self.defaults = defaults_of(constructor)
+        self.values: dict[str, Any] = {}
+
+    def _keep(self, key: str, value: Any) -> Any:
+        self.values[key] = value
+        return value
 
     def _example(self, key: str) -> str:
         default = self.defaults.get(key)
@@ -104,7 +112,7 @@ class Options:
                 f"{self.problem} needs an integer {key} {span}, got {key}={value!r}",
                 hint=f"e.g. {self._example(key)}",
             )
-        return int(value)
+        return self._keep(key, int(value))
 
     def seed(self, value: Any) -> int:
         """Any integer."""
@@ -112,7 +120,7 @@ class Options:
             raise ProblemError(
                 f"{self.problem} needs an integer seed, got seed={value!r}", hint="e.g. seed=0"
             )
-        return int(value)
+        return self._keep("seed", int(value))
 
     def real(
         self, key: str, value: Any, low: float | None = None, *, strict: bool = False
@@ -127,7 +135,7 @@ class Options:
                 f"{self.problem} needs a finite number {key}{span}, got {key}={value!r}",
                 hint=f"e.g. {self._example(key)}",
             )
-        return float(value)
+        return self._keep(key, float(value))
 
     def member(self, key: str, value: Any, allowed: Sequence[int]) -> int:
         """An integer among ``allowed``."""
@@ -137,7 +145,7 @@ class Options:
                 f"got {key}={value!r}",
                 hint=f"e.g. {self._example(key)}",
             )
-        return int(value)
+        return self._keep(key, int(value))
 
     def choice(self, key: str, value: Any, choices: Sequence[str]) -> str:
         """One of ``choices``."""
@@ -146,7 +154,7 @@ class Options:
                 f"{self.problem} has no {key} {value!r}",
                 hint="choose one of: " + ", ".join(choices),
             )
-        return str(value)
+        return self._keep(key, str(value))
 
     def criterion(self, value: Any) -> str:
         """``"mse"`` (squared error on one-hot targets) or ``"ce"`` (cross-entropy)."""
@@ -156,7 +164,7 @@ class Options:
                 hint="choose criterion=mse (squared error on one-hot targets) or "
                 "criterion=ce (cross-entropy on logits)",
             )
-        return str(value)
+        return self._keep("criterion", str(value))
 
     def divides(self, key: str, value: int, by_key: str, by: int) -> None:
         """``value`` is a multiple of ``by`` (e.g. a width split into heads)."""

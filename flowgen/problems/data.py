@@ -116,6 +116,13 @@ class Sorting:
         """The input positions whose next token is scored: ``length-1 .. 2·length-2``."""
         return slice(self.length - 1, 2 * self.length - 1)
 
+    def one_hot(self) -> tuple[np.ndarray, np.ndarray]:
+        """The model's input and targets one-hot, float64: ``(n, 2·length − 1, vocab)``
+        and ``(n·length, vocab)`` (one row per scored prediction)."""
+        n = self.tokens.shape[0]
+        x = one_hot(self.tokens, self.vocab)
+        return x, one_hot(self.targets, self.vocab).reshape(n * self.length, self.vocab)
+
 
 def sorting(n: int, vocab: int = 4, length: int = 8, seed: int = 0) -> Sorting:
     """``n`` random sequences of ``length`` tokens in ``0..vocab-1``, with their sorted copies.

@@ -92,16 +92,7 @@ def cnn(
         logits_of,
         y_j,
         criterion,
-        options={
-            "n": n,
-            "classes": classes,
-            "channels": channels,
-            "depth": depth,
-            "activation": activation,
-            "init_scale": init_scale,
-            "criterion": criterion,
-            "seed": seed,
-        },
+        options=opts.values,
         data="digits",
         n_examples=n,
     )

@@ -94,8 +94,7 @@ def lstm(
         "readout": nn.dense_init(rng, width, vocab, init_scale),
     }
 
-    x_j = jnp.asarray(data.one_hot(task.tokens, vocab))  # (n, 2·length − 1, vocab)
-    y_j = jnp.asarray(data.one_hot(task.targets, vocab).reshape(n * length, vocab))
+    x_j, y_j = map(jnp.asarray, task.one_hot())  # (n, T, vocab), (n·length, vocab)
 
     def logits_of(p: dict) -> jax.Array:
         h = x_j @ p["embed"]  # (n, T, width)
@@ -110,16 +109,7 @@ def lstm(
         logits_of,
         y_j,
         criterion,
-        options={
-            "n": n,
-            "vocab": vocab,
-            "length": length,
-            "width": width,
-            "depth": depth,
-            "init_scale": init_scale,
-            "criterion": criterion,
-            "seed": seed,
-        },
+        options=opts.values,
         data="sorting",
         n_sequences=n,
         n_predictions=n * length,

@@ -109,17 +109,7 @@ def resnet(
         logits_of,
         y_j,
         criterion,
-        options={
-            "n": n,
-            "classes": classes,
-            "channels": channels,
-            "depth": depth,
-            "groups": groups,
-            "activation": activation,
-            "init_scale": init_scale,
-            "criterion": criterion,
-            "seed": seed,
-        },
+        options=opts.values,
         data="digits",
         n_examples=n,
     )
