@@ -1,4 +1,4 @@
-"""The symbolic derivation reproduces known closed forms (docs/central-flows.md §3)."""
+"""The symbolic derivation reproduces known closed forms (docs/mathematics.md §3)."""
 
 import json
 import subprocess

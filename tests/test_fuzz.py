@@ -235,10 +235,12 @@ def test_cli_survives_mutated_files_and_bad_sets(case):
 # ------------------------------------------------------------ the slow run
 
 
-def _tally(strategy, fn, n: int, seed_value: int) -> Counter:
+def _tally(strategy, fn, n: int, seed_value: int) -> tuple[Counter, dict[str, str]]:
     """Run ``fn`` on ``n`` examples of ``strategy``, counting outcomes (no shrinking),
-    with the slowest case in CPU and wall-clock milliseconds."""
+    with the slowest case in CPU and wall-clock milliseconds; and the whole message
+    (program included) of the first failure of each kind."""
     counts: Counter = Counter()
+    first: dict[str, str] = {}
     slowest = {"cpu": 0.0, "wall": 0.0}
 
     @seed(seed_value)
@@ -255,35 +257,39 @@ def _tally(strategy, fn, n: int, seed_value: int) -> Counter:
         try:
             counts[fn(case)] += 1
         except AssertionError as err:
-            kind = str(err).split("\n", 1)[0]
-            counts[f"FAIL {kind[:80]}"] += 1
+            kind = "FAIL " + str(err).split("\n", 1)[0][:80]
+            counts[kind] += 1
+            first.setdefault(kind, str(err))
         slowest["cpu"] = max(slowest["cpu"], time.process_time() - cpu)
         slowest["wall"] = max(slowest["wall"], time.perf_counter() - tic)
 
     body()
     counts["slowest case, CPU (ms)"] = int(1000 * slowest["cpu"])
     counts["slowest case, wall (ms)"] = int(1000 * slowest["wall"])
-    return counts
+    return counts, first
+
+
+def _check_tally(label: str, tally: tuple[Counter, dict[str, str]]) -> None:
+    """Print the counts; fail with the first failing case of each kind, in full."""
+    counts, first = tally
+    print(f"\n{label}:", dict(counts))
+    assert not first, "\n\n".join(f"{k} ({counts[k]}):\n{msg}" for k, msg in first.items())
+    assert counts["slowest case, CPU (ms)"] < 10_000
 
 
 @pytest.mark.slow
 def test_fuzz_slow_programs():
     """5,000 random programs against the reference, with the derivation, as `codegen`
     runs it; prints the counts for the closing note."""
-    counts = _tally(cases(), lambda c: run_program(*c, full_codegen=True), SLOW, seed_value=2024)
-    print("\nprograms:", dict(counts))
-    assert not {k: v for k, v in counts.items() if k.startswith("FAIL")}, dict(counts)
-    assert counts["slowest case, CPU (ms)"] < 10_000
+    run = lambda c: run_program(*c, full_codegen=True)  # noqa: E731
+    _check_tally("programs", _tally(cases(), run, SLOW, seed_value=2024))
 
 
 @pytest.mark.slow
 def test_fuzz_slow_cli():
     """5,000 mutated CLI calls (a separate test from the programs' so that the two
     halves run on both of CI's workers); prints the counts for the closing note."""
-    counts = _tally(cli_cases(), lambda c: check_cli(*c)[0], SLOW, seed_value=2025)
-    print("\ncli:", dict(counts))
-    assert not {k: v for k, v in counts.items() if k.startswith("FAIL")}, dict(counts)
-    assert counts["slowest case, CPU (ms)"] < 10_000
+    _check_tally("cli", _tally(cli_cases(), lambda c: check_cli(*c)[0], SLOW, seed_value=2025))
 
 
 # ------------------------------------------------------------ cases the fuzzer found

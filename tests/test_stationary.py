@@ -1,4 +1,4 @@
-"""The stationary preconditioner (docs/central-flows.md §4): relaxation vs SDP, `flowgen explain`.
+"""The stationary preconditioner (docs/mathematics.md §4): relaxation vs SDP, `flowgen explain`.
 
 Fast tests use a small digits MLP (n=100 examples, width 8, constant pixels kept as
 exact zeros: 628 parameters, 112 of them dead); the full-size agreement test on

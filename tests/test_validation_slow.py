@@ -1,5 +1,5 @@
 """The central flows of GD, RMSProp, scalar RMSProp and Adam validated on digits-mlp
-(docs/central-flows.md §5): restarted at the edge of stability, ≥ 400 steps after it.
+(docs/mathematics.md §5): restarted at the edge of stability, ≥ 400 steps after it.
 
 These take minutes each on 2 cores: `pytest -m slow` (CI runs them after the fast suite).
 """

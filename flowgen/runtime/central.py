@@ -1,4 +1,4 @@
-"""The central flow (``docs/central-flows.md`` §2–3), generic over derived optimizers.
+"""The central flow (``docs/mathematics.md`` §2–3), generic over derived optimizers.
 
 State: the time-averaged iterate ``w̄``, the optimizer state (fast states such
 as momentum are ODE states), and ``Σ = U X Uᵀ`` supported on the critical

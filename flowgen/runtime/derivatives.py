@@ -1,6 +1,6 @@
 """Derivatives the central flow needs beyond the gradient, by JAX autodiff.
 
-With ``Σ = U X Uᵀ`` (``docs/central-flows.md`` §2) the implicit curvature penalty
+With ``Σ = U X Uᵀ`` (``docs/mathematics.md`` §2) the implicit curvature penalty
 ``½ ∇⟨H(w), Σ⟩ = ½ Σ_ij X_ij ∇_w (u_iᵀ H(w) u_j)`` needs the third derivative
 of the loss contracted twice with the critical eigenvectors, and the
 constraint needs ``H U``. Both are computed here for a flat parameter vector

@@ -2,7 +2,7 @@
 
 The central flow needs, at every substep, the top eigenpairs of the symmetrised
 effective Hessian ``S = P^{-1/2} H P^{-1/2}``, i.e. ``v -> sqrt(p) * H(sqrt(p) * v)``
-with ``p`` the effective step (``docs/central-flows.md`` §2). ``H`` is only available
+with ``p`` the effective step (``docs/mathematics.md`` §2). ``H`` is only available
 through Hessian-vector products, and consecutive substeps change ``S`` very little,
 so the solver is iterative and warm-started from the previous eigenvectors.
 

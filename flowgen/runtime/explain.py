@@ -1,4 +1,4 @@
-"""``flowgen explain``: what an adaptive optimizer adapts to (``docs/central-flows.md`` §4).
+"""``flowgen explain``: what an adaptive optimizer adapts to (``docs/mathematics.md`` §4).
 
 Runs the discrete optimizer and the central flow to step ``N`` in lockstep
 (:class:`~flowgen.runtime.loop.Experiment`, checkpointed), then interprets the

@@ -2,7 +2,7 @@
 
 Over an Euler substep the projected stability constraint is affine in the
 covariance coordinates ``X`` (k×k, ``Σ = U X Uᵀ``): ``A(X) = A₀ + B[X]``
-(``docs/central-flows.md`` §2). The substep solves
+(``docs/mathematics.md`` §2). The substep solves
 
     0 ⪯ X ⟂ A₀ + B[X] ⪰ 0,
 

@@ -1,4 +1,4 @@
-"""The stationary preconditioner (``docs/central-flows.md`` §4), computed two independent ways.
+"""The stationary preconditioner (``docs/mathematics.md`` §4), computed two independent ways.
 
 Freeze the time-averaged iterate ``w̄`` and let the optimizer's slow
 preconditioner state and ``Σ`` relax: they settle at ``ν*(w̄), Σ*(w̄)`` and the

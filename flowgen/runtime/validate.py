@@ -1,5 +1,5 @@
 """``flowgen validate``: the central flow against the discrete optimizer
-(``docs/central-flows.md`` §5).
+(``docs/mathematics.md`` §5).
 
 The discrete optimizer, the central flow and the stable flow run in lockstep
 (:class:`~flowgen.runtime.loop.Experiment`, checkpointed every chunk). The

@@ -1,6 +1,6 @@
 """Rates under the time convention, and the classification of states.
 
-``docs/central-flows.md`` §3: the state after its update at step t is the state of
+``docs/mathematics.md`` §3: the state after its update at step t is the state of
 step t. The continuous-time rate of a state is its backward difference
 expressed in the new value: solve ``s_new = f(s_old, ...)`` for ``s_old``;
 ``rate = s_new - s_old``. For an EMA ``s = β s + (1-β) x`` this gives
@@ -83,7 +83,7 @@ def _response(expr: sp.Expr, var: sp.Symbol, at: dict) -> sp.Expr:
 
 
 def classify_states(model: StepModel) -> dict[str, str]:
-    """counter / fast / slow / delay, per ``docs/central-flows.md`` §3.
+    """counter / fast / slow / delay, per ``docs/mathematics.md`` §3.
 
     * delay: the previous step's value of an expression (``gp = g``), see
       :class:`~flowgen.symbolic.model.StepModel`; not an ODE state of the flow;

@@ -1,4 +1,4 @@
-"""Second-order averaging of the rates over the oscillation (``docs/central-flows.md`` §2–3).
+"""Second-order averaging of the rates over the oscillation (``docs/mathematics.md`` §2–3).
 
 Write the iterate as ``w̄ + δ``. The gradient read by a step oscillates,
 ``g = E[g] + δg`` with ``Var[g_i] = diag(HΣH)_i =: Vg``; a fast state moves with

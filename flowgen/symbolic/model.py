@@ -1,6 +1,6 @@
 """From a checked AST to sympy: symbols, reductions and the per-step map.
 
-Conventions (``docs/central-flows.md`` §3):
+Conventions (``docs/mathematics.md`` §3):
 
 * every name becomes a sympy symbol of the same name; per-coordinate values are
   represented by one coordinate (``g`` is ``g_i``), scalars broadcast;

@@ -2,7 +2,7 @@
 
 At the edge of stability the iterate oscillates around its time average on the
 critical directions, ``w = w̄ + δ`` with ``E[δ] = 0`` and ``E[δδᵀ] = Σ``
-(``docs/central-flows.md`` §2). Everything a step reads is a mean plus an
+(``docs/mathematics.md`` §2). Everything a step reads is a mean plus an
 oscillation, and a smooth function of them averages to second order:
 
     E f ≈ f(mean) + ½ Vg · d²/dε² f(mean + ε·amplitude)|₀ ,

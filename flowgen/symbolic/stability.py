@@ -1,4 +1,4 @@
-"""Stability threshold of an update rule (``docs/central-flows.md`` §3).
+"""Stability threshold of an update rule (``docs/mathematics.md`` §3).
 
 Restrict to one eigendirection of curvature ``λ`` (``g = λ·w``) with slow
 states and counters frozen. The linearised map of ``x = (w, oscillating
