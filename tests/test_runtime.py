@@ -100,8 +100,16 @@ def test_centred_window_and_first_crossing():
     s = np.array([3.0, 2.5, 1.0, 1.5, 1.95, 2.1])  # warm-up above, then from below
     assert first_crossing(s, 1.9) == 4
     assert first_crossing(np.array([0.1, 0.2]), 1.9) is None
-    # without state there is no warm-up: starting above the level is the edge at step 0
-    assert first_crossing(s, 1.9, warm_up=False) == 0
+    # without state there is no warm-up: starting above the level and staying there
+    # is the edge at step 0 ...
+    stays = np.array([2.5, 2.0, np.nan, 1.92, 2.1])
+    assert first_crossing(stays, 1.9, warm_up=False) == 0
+    assert first_crossing(stays, 1.9) is None
+    # ... but a catapult that falls below the level left the edge: it is where the
+    # sharpness comes back, and the answer moves from 0 once the fall is measured
+    assert first_crossing(s[:2], 1.9, warm_up=False) == 0
+    assert first_crossing(s[:3], 1.9, warm_up=False) is None
+    assert first_crossing(s, 1.9, warm_up=False) == 4
     assert first_crossing(s[2:], 1.9, warm_up=False) == 2
 
 
