@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT
 
 import flowgen
+from flowgen.errors import SimulationError
 from flowgen.problems import QUADRATIC_EOS_LR, get_problem
 from flowgen.runtime.central import SERIES, CentralConfig, CentralFlow
 from flowgen.runtime.processes import DiscreteProcess
@@ -272,3 +273,38 @@ def test_third_every_halves_contractions_and_keeps_the_flow():
     np.testing.assert_allclose(
         chunks[2].series["sharpness"], chunks[1].series["sharpness"], rtol=1e-3
     )
+
+
+def test_step_control_rejects_overshoots_and_refines(at_eos, tmp_path):
+    """A substep that pushes λ_max past max(c, λ before)·(1 + refine_tol) is rejected and
+    the substeps per unit are doubled (up to max_substeps): time and records stay those
+    of the unit grid, and a snapshot taken after a refinement restores exactly."""
+    tight = dict(refine_tol=1e-13, max_substeps=8)  # any rise of λ above c is an overshoot
+    ref = flow(at_eos, **tight)
+    whole = ref.advance(12)
+    assert list(whole.steps) == list(range(START + 1, START + 13))  # none lost or repeated
+    assert ref.counters["refinements"] >= 1
+    assert ref.S == 2 * 2 ** ref.counters["refinements"] <= 8
+    assert ref.counters["substeps"] < 12 * ref.S  # the first units ran at the coarser step
+    np.testing.assert_allclose(whole.series["sharpness"][-3:], ref.c, rtol=1e-6)
+
+    # the default tolerance does not refine a flow that stays on its manifold
+    plain = flow(at_eos)
+    plain.advance(12)
+    assert plain.counters["refinements"] == 0 and plain.S == 2
+    # off: never
+    off = flow(at_eos, refine_tol=0.0)
+    off.advance(12)
+    assert off.counters["refinements"] == 0 and off.S == 2
+
+    first = flow(at_eos, **tight)
+    a = first.advance(6)
+    np.savez(tmp_path / "snap.npz", **first.snapshot())
+    loaded = dict(np.load(tmp_path / "snap.npz", allow_pickle=False))
+    second = flow(at_eos, **tight)
+    second.restore(loaded)
+    assert second.S == first.S
+    assert_same_chunk(whole, _concat(a, second.advance(6)))
+    # a snapshot whose substeps are no refinement of this flow's is refused
+    with pytest.raises(SimulationError, match="substeps"):
+        flow(at_eos, substeps=3).restore(loaded)

@@ -72,7 +72,7 @@ import numpy as np
 from flowgen.errors import SimulationError
 from flowgen.precision import in_float64
 from flowgen.problems import Problem
-from flowgen.runtime import caches, derivatives, eigen
+from flowgen.runtime import caches, derivatives, devices, eigen
 from flowgen.runtime.optimizer import Optimizer
 from flowgen.runtime.sdcp import solve_sdcp, solve_sdcp_jax
 
@@ -94,6 +94,7 @@ RESHAPE = 2  # the critical count k does not fit the static shapes (kp)
 SDCP = 4  # k ≥ 2 on a rank-deficient face: the SDCP is solved in Python (cvxpy)
 SHRINK = 8  # more than two tracked eigenvalues below the cut: track fewer
 ERROR = 16  # non-finite w or eigenvalues, eigensolver not converged, or a bad constraint
+REFINE = 32  # the substep pushed λ_max past c·(1 + refine_tol): rejected, halve dt
 # status codes of the constraint
 _OK, _NO_RESTORING, _NOT_FINITE = 0, 1, 2
 B_REC = 8  # unit records per jitted call (static buffer size)
@@ -111,6 +112,14 @@ def _turned(Q_old, Q_new):
 @dataclass(frozen=True)
 class CentralConfig:
     substeps: int = 2  # Euler substeps per unit time (one step)
+    # Step control of the Euler substeps. On the central flow λ_max(P⁻¹H) stays ≤ c;
+    # a substep after which it exceeds max(c, its value before)·(1 + refine_tol) has
+    # overshot the stability manifold (the flow then chatters: X drops to 0, the
+    # sharpness jumps; seen on Mamba under GD at 2 substeps, gone at 4). Such a
+    # substep is rejected and the substeps per unit are doubled for the rest of the
+    # run, up to max_substeps. refine_tol = 0 turns the control off.
+    refine_tol: float = 0.02
+    max_substeps: int = 16
     margin: float = 0.02  # critical set: eigenvalues >= c (1 - margin)
     # track every eigenvalue above this fraction of c (0.95: on digits-mlp under GD at
     # k = 1 the block is 2 columns wide instead of ~3, 5.5 HVPs per unit instead of 8.6,
@@ -427,11 +436,16 @@ class _Kernels:
                 return t0 + 1.0  # a frozen point: the counter stays
             return unit + sub / S + 1.0
 
-        def loop(w, s, a, k_track, unit, sub, n_iter, first, S, t0):
+        threshold = c
+
+        def loop(w, s, a, k_track, unit, sub, n_iter, first, S, t0, refine):
             """Up to ``n_iter`` iterations of: one Euler substep with the analysis ``a``
             of the current point (not in the first iteration when ``first``), then the
             analysis of the new point. Stops at an analysis with flags, or when
-            ``B_REC`` unit records are written. Returns the carry."""
+            ``B_REC`` unit records are written. With ``refine``, a substep that pushes
+            λ_max past ``max(c, λ_max before)·(1 + refine_tol)`` is rejected: the carry
+            keeps the point it started from, its analysis flagged REFINE. Returns the
+            carry."""
             dt = 1.0 / S
             kp = a.X.shape[0]
             bufs = (
@@ -444,6 +458,7 @@ class _Kernels:
                 jnp.zeros((B_REC,), jnp.int64),  # the integer time
             )
             counts = jnp.zeros(5, jnp.int64)  # analyses, HVPs, iterations, contractions, substeps
+            refine_on = jnp.asarray(refine) & (cfg.refine_tol > 0) & (not freeze_w)
 
             def cond(c):
                 i, _, _, a, _, _, n_rec, _, _, _ = c
@@ -465,6 +480,20 @@ class _Kernels:
                 a1 = analyse(w1, s1, t1, dt, a.vecs, a.dvecs, k_track, kp, inline, prev, fresh)
                 fresh = fresh | (a1.n_crit != a.n_crit) | _turned(a.vecs[:, :kp], a1.vecs[:, :kp])
                 a1 = a1._replace(flags=a1.flags | jnp.where(jnp.all(jnp.isfinite(w1)), 0, ERROR))
+                kk = a1.n_crit
+                work = jnp.stack(  # of this analysis, whether kept or not
+                    [1, a1.matvecs, a1.iterations, jnp.where(fresh, kk * (kk + 1) // 2, 0)]
+                ).astype(jnp.int64)
+                # step control: an overshoot past the stability manifold is rejected
+                top = jnp.maximum(a.vals[0], threshold) * (1.0 + cfg.refine_tol)
+                ok = (a1.flags & ERROR) == 0
+                reject = move & refine_on & ok & (a1.vals[0] > top)
+                keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+                    lambda x, y: jnp.where(reject, y, x), new, old
+                )
+                w1, s1, unit1, sub1 = keep((w1, s1, unit1, sub1), (w, s, unit, sub))
+                a1 = keep(a1, a._replace(flags=jnp.asarray(REFINE, a.flags.dtype)))
+                move = move & ~reject
                 boundary = move & (sub1 == 0)
                 write = boundary & (a1.flags == 0)
                 put = lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, n_rec, 0)  # noqa: E731
@@ -477,16 +506,7 @@ class _Kernels:
                     put(bufs[5], a1.X),
                     put(bufs[6], unit1),
                 )
-                kk = a1.n_crit
-                counts = counts + jnp.stack(
-                    [
-                        1,
-                        a1.matvecs,
-                        a1.iterations,
-                        jnp.where(fresh, kk * (kk + 1) // 2, 0),
-                        move.astype(jnp.int64),
-                    ]
-                ).astype(jnp.int64)
+                counts = counts + jnp.concatenate([work, move.astype(jnp.int64)[None]])
                 pending = boundary & (a1.flags != 0)
                 return i + 1, w1, s1, a1, unit1, sub1, n_rec + write, bufs, counts, pending
 
@@ -582,7 +602,10 @@ class CentralFlow:
         self.S = int(config.substeps)
         self._kern = _kernels(opt, problem.loss, config, self.n)
         self._key = jax.random.PRNGKey(0)
-        self._k_track = 1  # eigenvalues tracked (wanted converged); the block has + GUARD
+        # eigenvalues tracked (wanted converged; the block has + guard columns): from the
+        # start one below the critical one, as the SHRINK rule keeps it at the edge, so a
+        # flow restarted at the edge compiles its loop for one shape, not three
+        self._k_track = min(1 + int(config.track_below), self._kern.k_max)
         self._V = None  # (n, k_track + GUARD) warm Ritz vectors before the first analysis
         self._a: Analysis | None = None  # the analysis of the current point (cached)
         self.timings = {
@@ -601,6 +624,7 @@ class CentralFlow:
             "eig_iterations": 0,  # LOBPCG iterations beyond the warm Rayleigh–Ritz step
             "contractions": 0,  # third-derivative contractions ∇(u_iᵀ H u_j)
             "sdcp_solves": 0,  # cvxpy solves
+            "refinements": 0,  # substeps rejected by the step control (each doubled S)
         }
 
     # ------------------------------------------------------------------ time
@@ -664,9 +688,10 @@ class CentralFlow:
         """Run the jitted loop from the current point; record completed units into
         ``recs``; leave the (possibly flagged) analysis of the new point in ``self._a``."""
         tic = time.perf_counter()
+        w, s, a = devices.commit((self.w, self.state, a), self.w)  # one compile per shape
         out = self._kern.loop(
-            self.w, self.state, a, self._k_track, self._unit, self._sub,
-            n_iter, first, self.S, self.t0,
+            w, s, a, self._k_track, self._unit, self._sub, n_iter, first, self.S, self.t0,
+            self.S < self.cfg.max_substeps,
         )  # fmt: skip
         i, w, s, a1, unit, sub, n_rec, bufs, counts, pending = out
         i, unit, sub, n_rec, counts, pending = jax.device_get(
@@ -742,6 +767,11 @@ class CentralFlow:
                 continue
             if flags & RESHAPE:  # the critical count changed the static shapes
                 self._reanalyse(a.vecs, max(k, 1))
+                continue
+            if flags & REFINE:  # the substep overshot: the same point, with half the dt
+                self.S, self._sub = 2 * self.S, 2 * self._sub
+                self.counters["refinements"] += 1
+                self._reanalyse(a.vecs, a.kp)
                 continue
             break
         if tracked[-1] > self._kern.cut and kt >= self._kern.k_max and kt < self.n:
@@ -880,9 +910,12 @@ class CentralFlow:
 
         Returns ``(L, record, info)`` of the point the substep started from (see
         :meth:`point`)."""
-        out = self.point()
-        self._step(None)
-        return out
+        while True:  # a substep rejected by the step control is taken again, shorter
+            t = self.t
+            out = self.point()
+            self._step(None)
+            if self.t != t:
+                return out
 
     # ----------------------------------------------------------------- records
 
@@ -963,11 +996,15 @@ class CentralFlow:
     def restore(self, snap: dict[str, np.ndarray]) -> None:
         """Continue from :meth:`snapshot` (same optimizer, problem and configuration)."""
         unit, sub, S = (int(x) for x in np.asarray(snap["time"]))
-        if S != self.S:
+        S0, refined = self.cfg.substeps, S
+        while refined > S0 and refined % 2 == 0:
+            refined //= 2
+        if refined != S0 or S > max(S0, self.cfg.max_substeps):
             raise SimulationError(
                 f"central flow: the snapshot was taken with {S} substeps per unit, this flow "
-                f"has {self.S}"
+                f"starts with {S0} (and refines to at most {self.cfg.max_substeps})"
             )
+        self.S = S
         if np.asarray(snap["w"]).shape != (self.n,):
             raise SimulationError(
                 f"central flow: the snapshot has {np.asarray(snap['w']).shape[0]} parameters, "

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["Placement"]
+__all__ = ["Placement", "commit"]
 
 AXIS = "params"
 
@@ -70,3 +70,22 @@ class Placement:
     def describe(self) -> list[str]:
         """The devices, as recorded in ``provenance.devices``."""
         return [str(d) for d in self.devices]
+
+
+def commit(tree, like):
+    """``tree``'s arrays committed to the device of ``like`` when ``like`` lives on one.
+
+    ``jit`` keys its compiled code on where each argument is placed, and an array
+    made outside ``jit`` (``jnp.zeros``, a restored snapshot) is *uncommitted*
+    while every output of a call on committed inputs is committed: a loop that
+    feeds its outputs back in would compile each shape twice. Committing the
+    inputs of a call makes the first call and every later one look alike. Python
+    scalars are left as they are; sharded ``like`` (several devices) changes
+    nothing, since there the outputs' layout is XLA's to choose."""
+    devices = getattr(like, "devices", None)
+    if devices is None or len(devices()) != 1:
+        return tree
+    dev = next(iter(devices()))
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put(x, dev) if isinstance(x, jax.Array) else x, tree
+    )

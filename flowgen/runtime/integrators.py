@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowgen.runtime import caches
+from flowgen.runtime import caches, devices
 
 __all__ = [
     "EXPLICIT",
@@ -413,9 +413,10 @@ class StiffIntegrator:
             while True:
                 mode = self.mode
                 loop = self._steppers.compiled.get(mode, self._steppers.loops[mode])
-                self.state, ys, written, status, budget = loop(
-                    self.state, ys, written, count, t0, budget
+                args = devices.commit(  # one compile, not one per argument placement
+                    (self.state, ys, written, count, t0, budget), self.state.y
                 )
+                self.state, ys, written, status, budget = loop(*args)
                 status = int(status)
                 if status == _DONE:
                     break

@@ -188,6 +188,10 @@ def validate(
         "central_s": t.get("central_s", 0.0),
         "stable_s": t.get("stable_s", 0.0),
         "central_split": dict(central.timings) if central is not None else {},
+        # the central flow's work (analyses, HVPs, contractions, refinements, ...) and the
+        # Euler substeps per step it ended with (more than configured after a refinement)
+        "central_counters": dict(central.counters) if central is not None else {},
+        "central_substeps": int(central.S) if central is not None else None,
         "central_per_step_s": t.get("central_s", 0.0) / max(N - start, 1),
         "total_s": float(sum(t.values())),  # every process and measurement, resumes included
     }
