@@ -92,7 +92,7 @@ SERIES = (
 GROW = 1  # every tracked eigenvalue is above the tracking cut: track more
 RESHAPE = 2  # the critical count k does not fit the static shapes (kp)
 SDCP = 4  # k ≥ 2 on a rank-deficient face: the SDCP is solved in Python (cvxpy)
-SHRINK = 8  # more than two tracked eigenvalues below the cut: track fewer
+SHRINK = 8  # more than track_below tracked eigenvalues below the cut (and the top one): fewer
 ERROR = 16  # non-finite w or eigenvalues, eigensolver not converged, or a bad constraint
 REFINE = 32  # the substep pushed λ_max past c·(1 + refine_tol): rejected, halve dt
 # status codes of the constraint
@@ -140,7 +140,7 @@ class CentralConfig:
     extrapolate: bool = True  # warm start: previous Ritz vectors + their last change
     track_tol: float = 1e-2  # residual tolerance of the tracked eigenvalues below the level
     guard: int = 0  # eigen block columns beyond the tracked ones (warm, need not converge)
-    track_below: int = 1  # tracked eigenvalues kept below track_frac * c
+    track_below: int = 1  # tracked eigenvalues kept below track_frac * c (at least 1 + this)
     profile: bool = False  # run the stages as separate jitted calls and time each (benchmarks)
 
 
@@ -416,7 +416,7 @@ class _Kernels:
                 jnp.where((r.vals[last] > cut) & (k_track < k_max), GROW, 0)
                 | jnp.where((k > 1) if kp == 1 else (k != kp), RESHAPE, 0)
                 | jnp.where(solved, 0, SDCP)
-                | jnp.where(k_track - above > cfg.track_below, SHRINK, 0)
+                | jnp.where(k_track - jnp.maximum(above, 1) > cfg.track_below, SHRINK, 0)
                 | jnp.where(bad, ERROR, 0)
             )
             i64 = lambda x: jnp.asarray(x).astype(jnp.int64)  # noqa: E731
@@ -762,7 +762,9 @@ class CentralFlow:
             if flags & ERROR:
                 self._raise(tracked, int(it), float(rel), bool(conv), int(status), k, where)
             if flags & GROW:  # every tracked eigenvalue is above the cut: track more
-                self._k_track = min(self._kern.k_max, kt + max(2, kt // 2))
+                # one more while few are tracked (the next shape is the one the SHRINK
+                # rule keeps, so no shape is compiled only to be left), then by half
+                self._k_track = min(self._kern.k_max, kt + max(1, kt // 2))
                 self._reanalyse(self._pad(a.vecs, self._k_track + self.cfg.guard), a.kp)
                 continue
             if flags & RESHAPE:  # the critical count changed the static shapes
@@ -794,7 +796,8 @@ class CentralFlow:
             self.counters["sdcp_solves"] += int(res.iterations > 0)
             a = self._kern.complete(a, jnp.asarray(res.X, dtype=a.X.dtype))
         if flags & SHRINK:  # keep two tracked eigenvalues below the cut
-            self._k_track = max(1, int(np.sum(tracked > self._kern.cut)) + self.cfg.track_below)
+            above = int(np.sum(tracked > self._kern.cut))
+            self._k_track = max(1, above) + self.cfg.track_below
             m = self._k_track + self.cfg.guard
             a = a._replace(vals=a.vals[:m], vecs=a.vecs[:, :m], dvecs=a.dvecs[:, :m])
         self._a = a._replace(flags=jnp.zeros((), jnp.int64))
