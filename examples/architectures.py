@@ -91,6 +91,8 @@ def row_from_report(arch: str, opt: str, rep: dict) -> dict:
         "hyper": hyper,
         "steps": rep["config"]["steps"],
         "substeps": rep["config"]["central"]["substeps"],
+        # after the step control's refinements (older reports: as configured)
+        "substeps_final": tm.get("central_substeps") or rep["config"]["central"]["substeps"],
         "params": get_problem(arch).n,
         "threshold": rep["threshold"],
         "eos_start": rep["eos_start"],
@@ -131,11 +133,14 @@ def table_md(rows: list[dict]) -> str:
     for r in rows:
         hyper = ", ".join(f"{k} {v:g}" for k, v in r["hyper"].items())
         wall = f"{r['wall_s']:.0f} s" if r["wall_s"] else "—"  # on shared cores
+        substeps, final = r.get("substeps", ""), r.get("substeps_final")
+        if final and final != substeps:  # refined by the step control
+            substeps = f"{substeps} → {final}"
         lines.append(
             f"| {r['architecture']} | {r['optimizer']} | {hyper} | {r['params']:,} "
             f"| {r['eos_start']} | {r['restart_at']} | {r['central_distance_rel']:.3f} "
             f"| {r['stable_distance_rel']:.3f} | {100 * r['loss_pred_rel_err']:.1f} % "
-            f"| {r['verdict']} | {wall} | {r.get('substeps', '')} |"
+            f"| {r['verdict']} | {wall} | {substeps} |"
         )
     return head + "\n".join(lines) + "\n"
 
