@@ -117,9 +117,13 @@ class OptFile:
         progress=None,
         out=None,
         resume: bool = False,
+        refine_tol: float | None = None,
         **hyper: float,
     ):
         """Discrete, central and stable processes compared (``flowgen validate``).
+
+        ``refine_tol``: the central flow's step control (``CentralConfig.refine_tol``,
+        default 0.02; 0 turns it off).
 
         Returns a ``ValidationResult``; with ``out`` also checkpoints there after
         every chunk (``resume=True`` continues from it) and writes report.json,
@@ -135,7 +139,10 @@ class OptFile:
             restart_at=restart_at,
             chunk=chunk,
             eig_every=eig_every,
-            central=CentralConfig() if substeps is None else CentralConfig(substeps=substeps),
+            central=CentralConfig(
+                **({} if substeps is None else {"substeps": substeps}),
+                **({} if refine_tol is None else {"refine_tol": refine_tol}),
+            ),
         )
         store = _store(out, "validate", opt, prob, cfg)
         res = validate(opt, prob, cfg, progress=progress, store=store, resume=resume)

@@ -266,6 +266,20 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _central_options(args) -> dict:
+    """The central flow's options given on the command line (the rest keep defaults)."""
+    opts = {}
+    if args.substeps is not None:
+        opts["substeps"] = args.substeps
+    if args.refine_tol is not None:
+        if not args.refine_tol >= 0.0:  # also refuses nan
+            raise UsageError(
+                f"--refine-tol must be 0 (off) or a positive number, got {args.refine_tol}"
+            )
+        opts["refine_tol"] = args.refine_tol
+    return opts
+
+
 def cmd_validate(args) -> int:
     from flowgen.api import load
     from flowgen.report.outputs import validation_summary, write_validation
@@ -289,7 +303,7 @@ def cmd_validate(args) -> int:
         restart_at=restart,
         chunk=args.chunk,
         eig_every=args.eig_every or 1,
-        central=CentralConfig() if args.substeps is None else CentralConfig(substeps=args.substeps),
+        central=CentralConfig(**_central_options(args)),
     )
     out = Path(args.out or f"runs/validate-{opt.name}-{problem.name}")
     res = _with_phases(validate, opt, problem, cfg, command="validate", out=out, resume=args.resume)
@@ -492,6 +506,15 @@ def build_parser() -> argparse.ArgumentParser:
         "after the edge of stability)",
     )
     p.add_argument("--substeps", type=int, default=None, help="Euler substeps per step (default 2)")
+    p.add_argument(
+        "--refine-tol",
+        type=float,
+        default=None,
+        metavar="TOL",
+        help="central flow's step control: a substep that pushes the effective sharpness past "
+        "max(c, its value before)·(1 + TOL) is rejected and the substeps doubled (default "
+        "0.02; 0: off)",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 unless the verdict is pass")
     p.set_defaults(func=cmd_validate)
 

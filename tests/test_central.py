@@ -308,3 +308,23 @@ def test_step_control_rejects_overshoots_and_refines(at_eos, tmp_path):
     # a snapshot whose substeps are no refinement of this flow's is refused
     with pytest.raises(SimulationError, match="substeps"):
         flow(at_eos, substeps=3).restore(loaded)
+
+
+def test_refine_tol_on_the_command_line(tmp_path):
+    """`--refine-tol` reaches the central flow's configuration; a negative one is a usage
+    error (exit 2, a message, no traceback)."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "flowgen.cli", "validate", str(OPT / "gd.opt")]
+    cmd += ["--problem", "quadratic", "--steps", "40", "--set", f"lr={QUADRATIC_EOS_LR}"]
+    bad = subprocess.run([*cmd, "--refine-tol", "-1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--refine-tol" in bad.stderr and "Traceback" not in bad.stderr
+    out = tmp_path / "run"
+    ok = subprocess.run([*cmd, "--refine-tol", "0", "--out", str(out)], capture_output=True)
+    assert ok.returncode == 0, ok.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["config"]["central"]["refine_tol"] == 0.0
+    assert rep["timings"]["central_counters"]["refinements"] == 0
+    assert rep["timings"]["central_substeps"] == 2

@@ -590,6 +590,11 @@ class CentralFlow:
             )
         if int(config.substeps) < 1:
             raise ValueError(f"substeps must be a positive integer, got {config.substeps!r}")
+        if not float(config.refine_tol) >= 0.0 or int(config.max_substeps) < 1:
+            raise ValueError(
+                f"refine_tol must be >= 0 (0: off) and max_substeps positive, got "
+                f"{config.refine_tol!r}, {config.max_substeps!r}"
+            )
         if int(config.third_every) < 1:
             raise ValueError(f"third_every must be a positive integer, got {config.third_every!r}")
         self.opt, self.problem, self.cfg = opt, problem, config
