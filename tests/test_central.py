@@ -310,21 +310,20 @@ def test_step_control_rejects_overshoots_and_refines(at_eos, tmp_path):
         flow(at_eos, substeps=3).restore(loaded)
 
 
-def test_refine_tol_on_the_command_line(tmp_path):
-    """`--refine-tol` reaches the central flow's configuration; a negative one is a usage
-    error (exit 2, a message, no traceback)."""
-    import json
-    import subprocess
-    import sys
+def test_refine_tol_on_the_command_line(capsys):
+    """`--refine-tol` reaches the central flow's configuration; a negative or nan one is a
+    usage error (exit 2, a message, no traceback). The report's fields are checked by
+    tests/test_runtime.py's validate run."""
+    import argparse
 
-    cmd = [sys.executable, "-m", "flowgen.cli", "validate", str(OPT / "gd.opt")]
-    cmd += ["--problem", "quadratic", "--steps", "40", "--set", f"lr={QUADRATIC_EOS_LR}"]
-    bad = subprocess.run([*cmd, "--refine-tol", "-1"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--refine-tol" in bad.stderr and "Traceback" not in bad.stderr
-    out = tmp_path / "run"
-    ok = subprocess.run([*cmd, "--refine-tol", "0", "--out", str(out)], capture_output=True)
-    assert ok.returncode == 0, ok.stderr
-    rep = json.loads((out / "report.json").read_text())
-    assert rep["config"]["central"]["refine_tol"] == 0.0
-    assert rep["timings"]["central_counters"]["refinements"] == 0
-    assert rep["timings"]["central_substeps"] == 2
+    from flowgen.cli import _central_options, main
+
+    base = [str(OPT / "gd.opt"), "--problem", "quadratic", "--steps", "40"]
+    for bad in ("-1", "nan"):
+        assert main(["validate", *base, "--refine-tol", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--refine-tol" in err and "Traceback" not in err
+    ns = argparse.Namespace(substeps=None, refine_tol=0.0)
+    assert CentralConfig(**_central_options(ns)).refine_tol == 0.0
+    ns = argparse.Namespace(substeps=4, refine_tol=None)
+    assert CentralConfig(**_central_options(ns)) == CentralConfig(substeps=4)

@@ -187,6 +187,11 @@ def test_validate_cli_user_problem_and_strict(tmp_path):
     assert rc == (0 if rep["summary"]["verdict"] == "pass" else 1)
     assert rep["provenance"]["sha256"] and (out / "validate.png").exists()
     assert len(rep["series"]["loss_discrete"]) == 31
+    # the central flow's work and its step control (docs/outputs.md)
+    counters = rep["timings"]["central_counters"]
+    assert counters["units"] == 30 - rep["flow_start"] and counters["refinements"] >= 0
+    assert rep["timings"]["central_substeps"] == 2 * 2 ** counters["refinements"]
+    assert rep["config"]["central"]["refine_tol"] == 0.02
 
 
 @pytest.mark.slow  # minutes on 2 shared cores; CI runs it with the slow suite
