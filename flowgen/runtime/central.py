@@ -696,7 +696,7 @@ class CentralFlow:
         w, s, a = devices.commit((self.w, self.state, a), self.w)  # one compile per shape
         out = self._kern.loop(
             w, s, a, self._k_track, self._unit, self._sub, n_iter, first, self.S, self.t0,
-            self.S < self.cfg.max_substeps,
+            2 * self.S <= self.cfg.max_substeps,  # the step control may still refine
         )  # fmt: skip
         i, w, s, a1, unit, sub, n_rec, bufs, counts, pending = out
         i, unit, sub, n_rec, counts, pending = jax.device_get(
@@ -800,7 +800,7 @@ class CentralFlow:
             self.timings["sdcp"] += time.perf_counter() - tic
             self.counters["sdcp_solves"] += int(res.iterations > 0)
             a = self._kern.complete(a, jnp.asarray(res.X, dtype=a.X.dtype))
-        if flags & SHRINK:  # keep two tracked eigenvalues below the cut
+        if flags & SHRINK:  # keep track_below tracked eigenvalues below the cut
             above = int(np.sum(tracked > self._kern.cut))
             self._k_track = max(1, above) + self.cfg.track_below
             m = self._k_track + self.cfg.guard

@@ -157,7 +157,7 @@ def first_crossing(sharp: np.ndarray, level: float, warm_up: bool = True) -> int
     ``λ_max(H(w₀))·η > 2``, which catapults and sharpens straight back to the
     edge) the edge starts at step 0. If a measurement falls below, the start
     was a catapult that left the edge, and the edge is where the sharpness
-    comes back (a 2-k-parameter Mamba under GD: 2.41 at step 0, 1.45 at step
+    comes back (the 2,372-parameter Mamba under GD: 2.41 at step 0, 1.45 at step
     10, back at the level at step 240). The answer can therefore move from 0
     to a later step as measurements arrive, never the other way."""
     below = np.isfinite(sharp) & (sharp < level)
