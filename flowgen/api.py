@@ -139,10 +139,7 @@ class OptFile:
             restart_at=restart_at,
             chunk=chunk,
             eig_every=eig_every,
-            central=CentralConfig(
-                **({} if substeps is None else {"substeps": substeps}),
-                **({} if refine_tol is None else {"refine_tol": refine_tol}),
-            ),
+            central=CentralConfig.given(substeps=substeps, refine_tol=refine_tol),
         )
         store = _store(out, "validate", opt, prob, cfg)
         res = validate(opt, prob, cfg, progress=progress, store=store, resume=resume)

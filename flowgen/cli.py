@@ -266,24 +266,20 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _central_options(args) -> dict:
-    """The central flow's options given on the command line (the rest keep defaults)."""
-    opts = {}
-    if args.substeps is not None:
-        opts["substeps"] = args.substeps
-    if args.refine_tol is not None:
-        if not args.refine_tol >= 0.0:  # also refuses nan
-            raise UsageError(
-                f"--refine-tol must be 0 (off) or a positive number, got {args.refine_tol}"
-            )
-        opts["refine_tol"] = args.refine_tol
-    return opts
+def _central_config(args):
+    """The central flow's configuration: the defaults and the options given here."""
+    from flowgen.runtime.central import CentralConfig
+
+    if args.refine_tol is not None and not args.refine_tol >= 0.0:  # also refuses nan
+        raise UsageError(
+            f"--refine-tol must be 0 (off) or a positive number, got {args.refine_tol}"
+        )
+    return CentralConfig.given(substeps=args.substeps, refine_tol=args.refine_tol)
 
 
 def cmd_validate(args) -> int:
     from flowgen.api import load
     from flowgen.report.outputs import validation_summary, write_validation
-    from flowgen.runtime.central import CentralConfig
     from flowgen.runtime.validate import ValidateConfig, validate
 
     _check_counts(args)
@@ -303,7 +299,7 @@ def cmd_validate(args) -> int:
         restart_at=restart,
         chunk=args.chunk,
         eig_every=args.eig_every or 1,
-        central=CentralConfig(**_central_options(args)),
+        central=_central_config(args),
     )
     out = Path(args.out or f"runs/validate-{opt.name}-{problem.name}")
     res = _with_phases(validate, opt, problem, cfg, command="validate", out=out, resume=args.resume)

@@ -316,7 +316,7 @@ def test_refine_tol_on_the_command_line(capsys):
     tests/test_runtime.py's validate run."""
     import argparse
 
-    from flowgen.cli import _central_options, main
+    from flowgen.cli import _central_config, main
 
     base = [str(OPT / "gd.opt"), "--problem", "quadratic", "--steps", "40"]
     for bad in ("-1", "nan"):
@@ -324,6 +324,6 @@ def test_refine_tol_on_the_command_line(capsys):
         err = capsys.readouterr().err
         assert "--refine-tol" in err and "Traceback" not in err
     ns = argparse.Namespace(substeps=None, refine_tol=0.0)
-    assert CentralConfig(**_central_options(ns)).refine_tol == 0.0
+    assert _central_config(ns).refine_tol == 0.0
     ns = argparse.Namespace(substeps=4, refine_tol=None)
-    assert CentralConfig(**_central_options(ns)) == CentralConfig(substeps=4)
+    assert _central_config(ns) == CentralConfig(substeps=4)

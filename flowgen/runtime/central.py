@@ -143,6 +143,12 @@ class CentralConfig:
     track_below: int = 1  # tracked eigenvalues kept below track_frac * c (at least 1 + this)
     profile: bool = False  # run the stages as separate jitted calls and time each (benchmarks)
 
+    @classmethod
+    def given(cls, **options) -> CentralConfig:
+        """The defaults with the options a caller gave (``None``: not given), as the
+        command line and the Python API pass ``substeps`` and ``refine_tol``."""
+        return cls(**{name: v for name, v in options.items() if v is not None})
+
 
 class Analysis(NamedTuple):
     """Everything the central flow knows at one point (JAX arrays).
