@@ -612,7 +612,7 @@ class CentralFlow:
         self._unit, self._sub = int(t0), 0  # time = unit + sub / S
         self.S = int(config.substeps)
         self._kern = _kernels(opt, problem.loss, config, self.n)
-        self._key = jax.random.PRNGKey(0)
+        self._key = np.zeros(2, np.uint32)  # seeds the random columns of a widened block
         # eigenvalues tracked (wanted converged; the block has + guard columns): from the
         # start one below the critical one, as the SHRINK rule keeps it at the edge, so a
         # flow restarted at the edge compiles its loop for one shape, not three
@@ -673,24 +673,31 @@ class CentralFlow:
 
     def _pad(self, V, m):
         """``V`` (n, j) with random columns up to ``m`` (the solver orthonormalises)."""
+        V = np.asarray(V)  # on the host: eager jnp ops would compile once per shape
         j = V.shape[1]
         if j >= m:
-            return V[:, :m]
-        self._key, sub = jax.random.split(self._key)
-        return jnp.concatenate([V, jax.random.normal(sub, (self.n, m - j), V.dtype)], axis=1)
+            return jnp.asarray(V[:, :m])
+        rng = np.random.default_rng(self._key)
+        cols = rng.standard_normal((self.n, m - j)).astype(V.dtype)
+        self._key = rng.integers(0, 2**32, size=2, dtype=np.uint32)
+        return jnp.asarray(np.concatenate([V, cols], axis=1))
 
     def _blank(self, V, kp: int) -> Analysis:
         """An analysis-shaped placeholder carrying the warm vectors ``V`` (n, m)."""
         n, m = V.shape
-        z, dt = jnp.zeros(n), V.dtype
-        zero = jnp.zeros((), dt)
+        dt = V.dtype
+
+        def zeros(shape, dtype=dt):  # made on the host: no compilation per shape
+            return jnp.asarray(np.zeros(shape, dtype))
+
+        z, zero = zeros(n), zeros(())
         return Analysis(
-            zero, z, z, jnp.zeros(m, dt), V, jnp.zeros_like(V), jnp.zeros((), jnp.int64),
-            jnp.zeros((), jnp.int64),
-            zero, jnp.asarray(True), jnp.zeros((kp, kp, n), dt), jnp.zeros((n, kp), dt),
-            jnp.zeros((kp, kp), dt), jnp.zeros((kp * kp, kp * kp), dt), jnp.zeros((kp, kp), dt),
-            z, z, jnp.zeros((), jnp.int64), jnp.zeros((), jnp.int64),
-            jnp.zeros(len(SERIES), dt), z, jnp.zeros((), jnp.int64),
+            zero, z, z, zeros(m, dt), V, zeros(V.shape), zeros((), jnp.int64),
+            zeros((), jnp.int64),
+            zero, jnp.asarray(np.bool_(True)), zeros((kp, kp, n), dt), zeros((n, kp), dt),
+            zeros((kp, kp), dt), zeros((kp * kp, kp * kp), dt), zeros((kp, kp), dt),
+            z, z, zeros((), jnp.int64), zeros((), jnp.int64),
+            zeros(len(SERIES), dt), z, zeros((), jnp.int64),
         )  # fmt: skip
 
     # ------------------------------------------------------------- the loop
@@ -715,8 +722,8 @@ class CentralFlow:
             ("analyses", "hvps", "eig_iterations", "contractions", "substeps"), counts, strict=True
         ):
             self.counters[name] += int(v)
-        if recs is not None and n_rec:
-            recs.append(jax.tree_util.tree_map(lambda b: b[: int(n_rec)], bufs))
+        if recs is not None and n_rec:  # sliced on the host: no compilation per count
+            recs.append(jax.tree_util.tree_map(lambda b: b[: int(n_rec)], jax.device_get(bufs)))
         return bool(pending)
 
     def _call_profiled(self, name, fn, *args):
@@ -730,7 +737,7 @@ class CentralFlow:
         self.counters["redone"] += 1
         if self.cfg.profile:
             self._a = self._profiled_analysis(
-                self.w, self.state, self._unit, self._sub, V, jnp.zeros_like(V), kp
+                self.w, self.state, self._unit, self._sub, V, np.zeros(V.shape, V.dtype), kp
             )
         else:
             self._loop(self._blank(V, kp), 1, True, None)
@@ -810,8 +817,9 @@ class CentralFlow:
             above = int(np.sum(tracked > self._kern.cut))
             self._k_track = max(1, above) + self.cfg.track_below
             m = self._k_track + self.cfg.guard
-            a = a._replace(vals=a.vals[:m], vecs=a.vecs[:, :m], dvecs=a.dvecs[:, :m])
-        self._a = a._replace(flags=jnp.zeros((), jnp.int64))
+            cut = lambda x: jnp.asarray(np.asarray(x)[..., :m])  # noqa: E731  (host: no compile)
+            a = a._replace(vals=cut(a.vals), vecs=cut(a.vecs), dvecs=cut(a.dvecs))
+        self._a = a._replace(flags=jnp.asarray(np.int64(0)))
 
     def _raise(self, tracked, it, rel, conv, status, k, where):
         if not np.all(np.isfinite(np.asarray(self.w))):
@@ -847,7 +855,7 @@ class CentralFlow:
         if self._a is None:
             if self._V is None:
                 self._V = self._pad(
-                    jnp.zeros((self.n, 0), self.w.dtype), self._k_track + self.cfg.guard
+                    np.zeros((self.n, 0), self.w.dtype), self._k_track + self.cfg.guard
                 )
             self.counters["redone"] -= 1  # the first analysis is not a repeat
             self._reanalyse(self._V, 1)
@@ -885,7 +893,7 @@ class CentralFlow:
 
     def _single_record(self):
         a = self._a
-        one = lambda x: jnp.asarray(x)[None]  # noqa: E731
+        one = lambda x: np.asarray(x)[None]  # noqa: E731
         return (
             one(self.w),
             jax.tree_util.tree_map(one, self.state),
@@ -893,7 +901,7 @@ class CentralFlow:
             one(a.q1),
             one(a.p),
             one(a.X),
-            jnp.asarray([self._unit], jnp.int64),
+            np.asarray([self._unit], np.int64),
         )
 
     @in_float64
@@ -936,7 +944,7 @@ class CentralFlow:
     def _chunk(self, recs: list) -> CentralChunk:
         """One chunk from record pieces ``(w, states, series, q1, p, X, steps)``; X has the
         static size of its piece (kp), trimmed here to each record's k."""
-        cat = lambda *b: jnp.concatenate(b) if len(b) > 1 else b[0]  # noqa: E731
+        cat = lambda *b: np.concatenate(b) if len(b) > 1 else np.asarray(b[0])  # noqa: E731
         W = cat(*[r[0] for r in recs])
         states = jax.tree_util.tree_map(cat, *[r[1] for r in recs])
         series, q1, p, steps = (cat(*[r[j] for r in recs]) for j in (2, 3, 4, 6))
@@ -1033,7 +1041,7 @@ class CentralFlow:
         self._unit, self._sub = unit, sub
         self.t0 = float(snap["t0"])
         self._k_track = int(snap["k_track"])
-        self._key = jnp.asarray(snap["key"])
+        self._key = np.asarray(snap["key"], dtype=np.uint32)
         self._V = jnp.asarray(snap["eig.vecs"]) if "eig.vecs" in snap else None
         self._a = None
         if "analysis.L" in snap:

@@ -145,6 +145,11 @@ def rows_of(chunk, t0: int) -> Rows:
     return Rows(steps, chunk.w, chunk.states, {"loss": chunk.loss, "grad_norm": chunk.grad_norm})
 
 
+def _dist(a, b) -> float:
+    """‖a − b‖ on the host (an eager jnp op would compile)."""
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)))
+
+
 def first_crossing(sharp: np.ndarray, level: float, warm_up: bool = True) -> int | None:
     """First step at which the sharpness reaches ``level`` from below.
 
@@ -358,12 +363,9 @@ class Experiment:
         self.lane_starts: dict[str, int] = {}  # lanes started, with their start step
         self.lane_w0: dict[str, tuple] = {}  # lanes started: (w, state) they started from
         self.lane_wdisc: dict[str, jax.Array] = {}  # lanes started: the discrete w there
-        self.series.put("loss_discrete", 0, float(self.problem.loss(self.problem.w0)))
-        self.series.put(
-            "grad_norm_discrete",
-            0,
-            float(jnp.linalg.norm(jax.grad(self.problem.loss)(self.problem.w0))),
-        )
+        L0, gnorm0 = jax.device_get(self.discrete.measure(self.discrete.w))
+        self.series.put("loss_discrete", 0, float(L0))
+        self.series.put("grad_norm_discrete", 0, float(gnorm0))
         if self.hmean:
             s0 = jax.tree_util.tree_map(lambda a: a[None], self.discrete.state)
             self.series.put(
@@ -485,7 +487,7 @@ class Experiment:
                 self.lane_w0[name] = (w0, s0)
                 self.lane_wdisc[name] = self.discrete.w
                 started = True
-                gap = float(jnp.linalg.norm(w0 - self.discrete.w))
+                gap = _dist(w0, self.discrete.w)
                 loss0 = (
                     self.series["loss_discrete"][self.t]
                     if lane.source == "discrete"
@@ -504,7 +506,7 @@ class Experiment:
         for name, lane in self.flows.items():  # the lanes a new lane compares with, at its start
             for other in lane.compare:
                 if name in self.procs and other in self.procs and self.lane_starts[name] == self.t:
-                    d = float(jnp.linalg.norm(self.procs[name].w - self.procs[other].w))
+                    d = _dist(self.procs[name].w, self.procs[other].w)
                     self.series.put(f"distance_{name}_{other}", self.t, d)
 
     def _next_chunk(self) -> int:
@@ -556,11 +558,11 @@ class Experiment:
         for name, proc in self.procs.items():
             key = f"distance_{name}"
             if not np.isfinite(self.series[key][self.N]):
-                self.series.put(key, self.N, float(jnp.linalg.norm(self.discrete.w - proc.w)))
+                self.series.put(key, self.N, _dist(self.discrete.w, proc.w))
             for other in self.flows[name].compare:
                 key = f"distance_{name}_{other}"
                 if other in self.procs and not np.isfinite(self.series[key][self.N]):
-                    d = float(jnp.linalg.norm(self.procs[other].w - proc.w))
+                    d = _dist(self.procs[other].w, proc.w)
                     self.series.put(key, self.N, d)
 
     def _step(self, K: int) -> None:
@@ -611,7 +613,8 @@ class Experiment:
                 np.asarray(self._hm(d.w, d.states, jnp.asarray(d.steps + 1.0))),
             )
         # the discrete iterate at t0 .. t0+K (a flow's rows may include t0)
-        W = jnp.concatenate([w_before["discrete"][None], d.w])  # (K+1, n)
+        # (host arrays below: eager jnp ops would compile once per chunk shape)
+        W = np.concatenate([np.asarray(w_before["discrete"])[None], np.asarray(d.w)])  # (K+1, n)
         # sharpness, every eig_every steps (and at N)
         tic = time.perf_counter()
         for name, meter in self.meters.items():
@@ -627,14 +630,14 @@ class Experiment:
             ser.put(
                 "distance_travelled",
                 d.steps,
-                np.asarray(jnp.linalg.norm(d.w - self.w_start[None], axis=1)),
+                np.linalg.norm(W[1:] - np.asarray(self.w_start)[None], axis=1),
             )
         for name, at in self.lane_starts.items():
             if at != self.start:
                 ser.put(
                     f"distance_travelled_{name}",
                     d.steps,
-                    np.asarray(jnp.linalg.norm(d.w - self.lane_wdisc[name][None], axis=1)),
+                    np.linalg.norm(W[1:] - np.asarray(self.lane_wdisc[name])[None], axis=1),
                 )
         full = self._full_rows(rows, w_before, t0)
         for name, r in rows.items():
@@ -649,17 +652,19 @@ class Experiment:
         for key, vals in r.series.items():
             ser.put(lane.rename.get(key, f"{key}_{name}"), r.steps, vals)
         Wd = W[r.steps - t0]
-        ser.put(f"distance_{name}", r.steps, np.asarray(jnp.linalg.norm(Wd - r.w, axis=1)))
+        rw = np.asarray(r.w)
+        ser.put(f"distance_{name}", r.steps, np.linalg.norm(Wd - rw, axis=1))
         for other in lane.compare:
             if other in full:
                 Wo = full[other][r.steps - t0]
-                ok = np.asarray(jnp.all(jnp.isfinite(Wo), axis=1))
-                dist = np.where(ok, np.asarray(jnp.linalg.norm(Wo - r.w, axis=1)), np.nan)
+                ok = np.all(np.isfinite(Wo), axis=1)
+                gap = np.where(ok[:, None], Wo - rw, 0.0)  # NaN rows: lanes not started
+                dist = np.where(ok, np.linalg.norm(gap, axis=1), np.nan)
                 ser.put(f"distance_{name}_{other}", r.steps[ok], dist[ok])
         if "q1" in r.extra and "sigma_pred" in r.series:
             # Σ measured along the top critical direction: ⟨δ, u₁⟩² in P's metric
-            delta = (Wd - r.w) / jnp.sqrt(jnp.asarray(r.extra["p"]))
-            meas = np.asarray(jnp.sum(delta * jnp.asarray(r.extra["q1"]), axis=1) ** 2)
+            delta = (Wd - rw) / np.sqrt(np.asarray(r.extra["p"]))
+            meas = np.sum(delta * np.asarray(r.extra["q1"]), axis=1) ** 2
             meas = np.where(np.isfinite(r.series["sigma_pred"]), meas, np.nan)
             ser.put("sigma_meas", r.steps, meas)
 
@@ -671,11 +676,11 @@ class Experiment:
         for name, r in rows.items():
             if name == "discrete":
                 continue
-            W = jnp.full((K + 1, r.w.shape[1]), jnp.nan)
+            W = np.full((K + 1, r.w.shape[1]), np.nan)
             if name in w_before:
-                W = W.at[0].set(w_before[name])
-            W = W.at[r.steps - t0].set(r.w)
-            W = W.at[K].set(self.procs[name].w)
+                W[0] = np.asarray(w_before[name])
+            W[r.steps - t0] = np.asarray(r.w)
+            W[K] = np.asarray(self.procs[name].w)
             out[name] = W
         return out
 
