@@ -157,6 +157,7 @@ class OptFile:
         restart_at=None,
         problem_options=None,
         substeps: int = 2,
+        refine_tol: float | None = None,
         default_form: bool = True,
         stationary_flow: bool = False,
         stationary_from: int | None = None,
@@ -174,6 +175,8 @@ class OptFile:
         stationary flows (exact and simplified) from the central flow's ``w̄`` at
         ``stationary_from`` (default: the central flow's start), side by side.
 
+        ``refine_tol``: the central flow's step control, as for :meth:`validate`.
+
         Returns an ``Explanation``; with ``out`` also writes report.json, explain.npz and
         the PNG figures there.
         """
@@ -185,6 +188,7 @@ class OptFile:
             steps=steps,
             restart_at=restart_at,
             substeps=substeps,
+            refine_tol=refine_tol,
             default_form=default_form,
             stationary_flow=stationary_flow,
             stationary_from=stationary_from,
@@ -211,6 +215,7 @@ def sweep(
     chunk: int = 50,
     batch: str = "auto",
     substeps: int = 4,
+    refine_tol: float | None = None,
     flow_start="auto",
     progress=None,
     out=None,
@@ -221,7 +226,8 @@ def sweep(
 
     ``values`` map a hyperparameter to a value or a list of values, e.g.
     ``flowgen.sweep(["optimizers/rmsprop.opt"], "digits-mlp", 600, lr=[1e-4, 1e-3],
-    beta2=0.99)``. Returns a ``SweepResult`` (``.runs``: one dict per run, as in
+    beta2=0.99)``. ``refine_tol``: the central flow's step control, as for
+    ``OptFile.validate``. Returns a ``SweepResult`` (``.runs``: one dict per run, as in
     sweep.json); with ``out`` also checkpoints there, resumes with ``resume=True`` and
     writes sweep.json and sweep.png.
     """
@@ -245,6 +251,7 @@ def sweep(
         chunk=chunk,
         batch=batch,
         substeps=substeps,
+        refine_tol=refine_tol,
         flow_start=flow_start,
     )
     prob = _problem(problem, problem_options)

@@ -270,11 +270,27 @@ def _central_config(args):
     """The central flow's configuration: the defaults and the options given here."""
     from flowgen.runtime.central import CentralConfig
 
+    return CentralConfig.given(substeps=args.substeps, refine_tol=_refine_tol(args))
+
+
+def _refine_tol(args) -> float | None:
     if args.refine_tol is not None and not args.refine_tol >= 0.0:  # also refuses nan
         raise UsageError(
             f"--refine-tol must be 0 (off) or a positive number, got {args.refine_tol}"
         )
-    return CentralConfig.given(substeps=args.substeps, refine_tol=args.refine_tol)
+    return args.refine_tol
+
+
+def _add_refine_tol(p) -> None:
+    p.add_argument(
+        "--refine-tol",
+        type=float,
+        default=None,
+        metavar="TOL",
+        help="central flow's step control: a substep that pushes the effective sharpness past "
+        "max(c, its value before)·(1 + TOL) is rejected and the substeps doubled (default "
+        "0.02; 0: off)",
+    )
 
 
 def cmd_validate(args) -> int:
@@ -338,6 +354,7 @@ def cmd_explain(args) -> int:
         steps=args.steps,
         restart_at=restart,
         substeps=args.substeps or ExplainConfig.substeps,
+        refine_tol=_refine_tol(args),
         eig_every=args.eig_every or 5,
         chunk=args.chunk,
         relax_tol=args.relax_tol,
@@ -378,6 +395,7 @@ def cmd_sweep(args) -> int:
         chunk=args.chunk,
         batch=args.batch,
         substeps=args.substeps,
+        refine_tol=_refine_tol(args),
         flow_start="auto"
         if args.flow_start == "auto"
         else _step_arg(args.flow_start, "--flow-start"),
@@ -502,15 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         "after the edge of stability)",
     )
     p.add_argument("--substeps", type=int, default=None, help="Euler substeps per step (default 2)")
-    p.add_argument(
-        "--refine-tol",
-        type=float,
-        default=None,
-        metavar="TOL",
-        help="central flow's step control: a substep that pushes the effective sharpness past "
-        "max(c, its value before)·(1 + TOL) is rejected and the substeps doubled (default "
-        "0.02; 0: off)",
-    )
+    _add_refine_tol(p)
     p.add_argument("--strict", action="store_true", help="exit 1 unless the verdict is pass")
     p.set_defaults(func=cmd_validate)
 
@@ -531,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--substeps", type=int, default=None, help="Euler substeps per step (the run; default 2)"
     )
+    _add_refine_tol(p)
     p.add_argument(
         "--relax-tol",
         type=float,
@@ -597,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="discrete runs of one file batched with jax.vmap (auto: where the module allows)",
     )
     p.add_argument("--substeps", type=int, default=4, help="central flow: Euler substeps per step")
+    _add_refine_tol(p)
     p.add_argument(
         "--flow-start",
         metavar="T|auto",

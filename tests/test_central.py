@@ -310,19 +310,38 @@ def test_step_control_rejects_overshoots_and_refines(at_eos, tmp_path):
         flow(at_eos, substeps=3).restore(loaded)
 
 
-def test_refine_tol_on_the_command_line(capsys):
-    """`--refine-tol` reaches the central flow's configuration; a negative or nan one is a
-    usage error (exit 2, a message, no traceback). The report's fields are checked by
-    tests/test_runtime.py's validate run."""
+def test_refine_tol_on_the_command_line(capsys, monkeypatch, tmp_path):
+    """`--refine-tol` (validate, explain, sweep) reaches the central flow's configuration;
+    a negative or nan one is a usage error (exit 2, a message, no traceback). The report's
+    fields are checked by tests/test_runtime.py's validate run."""
     import argparse
 
+    import flowgen.runtime.explain
+    import flowgen.runtime.sweep
     from flowgen.cli import _central_config, main
 
     base = [str(OPT / "gd.opt"), "--problem", "quadratic", "--steps", "40"]
-    for bad in ("-1", "nan"):
-        assert main(["validate", *base, "--refine-tol", bad]) == 2
-        err = capsys.readouterr().err
-        assert "--refine-tol" in err and "Traceback" not in err
+    sweep = ["sweep", str(OPT / "gd.opt"), "--set", "lr=0.1", "--problem", "quadratic"]
+    sweep += ["--steps", "20", "--flows", "discrete,central"]
+    for argv in (["validate", *base], ["explain", *base], sweep):
+        for bad in ("-1", "nan"):
+            assert main([*argv, "--refine-tol", bad]) == 2
+            err = capsys.readouterr().err
+            assert "--refine-tol" in err and "Traceback" not in err
+
+    class Seen(Exception):
+        pass
+
+    def seen(*args, **kwargs):
+        raise Seen(args[3] if len(args) > 3 else args[2])  # the command's config
+
+    for mod, name, argv in ((flowgen.runtime.explain, "explain", ["explain", *base]),
+                            (flowgen.runtime.sweep, "sweep", sweep)):  # fmt: skip
+        monkeypatch.setattr(mod, name, seen)
+        with pytest.raises(Seen) as ei:
+            main([*argv, "--refine-tol", "0.05", "--out", str(tmp_path / name)])
+        assert ei.value.args[0].refine_tol == 0.05
+        assert flowgen.runtime.central.CentralConfig.given(refine_tol=None).refine_tol == 0.02
     ns = argparse.Namespace(substeps=None, refine_tol=0.0)
     assert _central_config(ns).refine_tol == 0.0
     ns = argparse.Namespace(substeps=4, refine_tol=None)

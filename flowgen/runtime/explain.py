@@ -60,6 +60,7 @@ class ExplainConfig:
     steps: int = 600  # run the discrete optimizer and the central flow to this step
     restart_at: int | None = None  # central flow from the discrete iterate here (None: start)
     substeps: int = 2  # central flow (the run): Euler substeps per step (CentralConfig's)
+    refine_tol: float | None = None  # its step control (None: CentralConfig's default)
     eig_every: int = 5  # discrete effective sharpness every K steps
     chunk: int = 25
     relax_tol: float = 1e-7
@@ -158,7 +159,7 @@ def explain(
             f"the central flow would start at step {start}, at or after step {N}",
             hint="run more --steps or restart earlier",
         )
-    ccfg = CentralConfig(substeps=config.substeps)
+    ccfg = CentralConfig.given(substeps=config.substeps, refine_tol=config.refine_tol)
 
     flows = [
         FlowLane(

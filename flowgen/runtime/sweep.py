@@ -88,6 +88,7 @@ class SweepConfig:
     chunk: int = 50  # steps per chunk (progress and checkpoint granularity)
     batch: str = "auto"  # auto (vmap where possible) | vmap | sequential
     substeps: int = 4  # central flow: Euler substeps per step
+    refine_tol: float | None = None  # its step control (None: CentralConfig's default)
     stationary_substeps: int = 2
     eig_tol: float = 1e-7
     flow_start: int | str | None = "auto"  # the flows' start: a step, auto (EoS), None (1)
@@ -417,7 +418,7 @@ def _flows_of(
     from flowgen.runtime.explain import ExplainConfig, _stationary_lanes
 
     N = int(config.steps)
-    ccfg = CentralConfig(substeps=config.substeps)
+    ccfg = CentralConfig.given(substeps=config.substeps, refine_tol=config.refine_tol)
     lanes = [
         FlowLane(
             "central",
