@@ -310,6 +310,31 @@ def test_step_control_rejects_overshoots_and_refines(at_eos, tmp_path):
         flow(at_eos, substeps=3).restore(loaded)
 
 
+def test_step_control_coarsens_after_calm_units(at_eos, tmp_path):
+    """After ``coarsen_after`` units without a rejection the substeps are halved again
+    (never below the configured number); records stay on the unit grid and a snapshot
+    taken after a coarsening restores exactly."""
+    cfg = dict(refine_tol=1e-13, max_substeps=8, coarsen_after=2)
+    ref = flow(at_eos, **cfg)
+    whole = ref.advance(12)
+    assert list(whole.steps) == list(range(START + 1, START + 13))
+    assert ref.counters["refinements"] >= 1 and ref.counters["coarsenings"] >= 1
+    assert 2 <= ref.S <= 8
+    never = flow(at_eos, **{**cfg, "coarsen_after": 0})
+    never.advance(12)
+    assert never.counters["coarsenings"] == 0
+    assert never.counters["substeps"] > ref.counters["substeps"]  # coarsening saves work
+
+    first = flow(at_eos, **cfg)
+    a = first.advance(7)
+    snap = first.snapshot()
+    second = flow(at_eos, **cfg)
+    second.restore(snap)
+    assert_same_chunk(whole, _concat(a, second.advance(5)))
+    with pytest.raises(ValueError, match="coarsen_after"):
+        flow(at_eos, coarsen_after=-1)
+
+
 def test_refine_tol_on_the_command_line(capsys, monkeypatch, tmp_path):
     """`--refine-tol` (validate, explain, sweep) reaches the central flow's configuration;
     a negative or nan one is a usage error (exit 2, a message, no traceback). The report's

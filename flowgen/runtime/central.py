@@ -120,6 +120,10 @@ class CentralConfig:
     # run, up to max_substeps. refine_tol = 0 turns the control off.
     refine_tol: float = 0.02
     max_substeps: int = 16
+    # ... and halved again (down to substeps) after this many units of time without a
+    # rejection: a refinement answers a stretch where λ_max rises fast (a burst, a turn
+    # of the critical subspace), not the whole run. 0: never coarsen
+    coarsen_after: int = 50
     margin: float = 0.02  # critical set: eigenvalues >= c (1 - margin)
     # track every eigenvalue above this fraction of c (0.95: on digits-mlp under GD at
     # k = 1 the block is 2 columns wide instead of ~3, 5.5 HVPs per unit instead of 8.6,
@@ -601,6 +605,8 @@ class CentralFlow:
                 f"refine_tol must be >= 0 (0: off) and max_substeps positive, got "
                 f"{config.refine_tol!r}, {config.max_substeps!r}"
             )
+        if int(config.coarsen_after) < 0:
+            raise ValueError(f"coarsen_after must be >= 0 (0: never), got {config.coarsen_after!r}")
         if int(config.third_every) < 1:
             raise ValueError(f"third_every must be a positive integer, got {config.third_every!r}")
         self.opt, self.problem, self.cfg = opt, problem, config
@@ -636,7 +642,9 @@ class CentralFlow:
             "contractions": 0,  # third-derivative contractions ∇(u_iᵀ H u_j)
             "sdcp_solves": 0,  # cvxpy solves
             "refinements": 0,  # substeps rejected by the step control (each doubled S)
+            "coarsenings": 0,  # S halved after coarsen_after units without a rejection
         }
+        self._calm_from = self._unit  # the unit of the last refinement or coarsening
 
     # ------------------------------------------------------------------ time
 
@@ -791,6 +799,7 @@ class CentralFlow:
             if flags & REFINE:  # the substep overshot: the same point, with half the dt
                 self.S, self._sub = 2 * self.S, 2 * self._sub
                 self.counters["refinements"] += 1
+                self._calm_from = self._unit
                 self._reanalyse(a.vecs, a.kp)
                 continue
             break
@@ -868,6 +877,10 @@ class CentralFlow:
         """Advance by the jitted loop (or one profiled substep) from a settled analysis:
         up to ``max_units`` unit boundaries, or one substep when None."""
         a = self._analysis()
+        if max_units is not None and self._coarsens():  # stop where the substeps halve
+            max_units = min(
+                max_units, max(1, self._calm_from + self.cfg.coarsen_after - self._unit)
+            )
         if self.cfg.profile:
             t = self._kern.t_rate(self._unit, self._sub, self.S, self.t0)
             tic = time.perf_counter()
@@ -890,6 +903,22 @@ class CentralFlow:
         self._settle()
         if pending and recs is not None:  # a unit ended at an analysis that needed Python
             recs.append(self._single_record())
+        if self._coarsens() and self._sub == 0:
+            if self._unit - self._calm_from >= self.cfg.coarsen_after:
+                self._coarsen()
+
+    def _coarsens(self) -> bool:
+        return int(self.cfg.coarsen_after) > 0 and self.S > int(self.cfg.substeps)
+
+    def _coarsen(self) -> None:
+        """Halve the substeps per unit (at the unit boundary ``coarsen_after`` units after
+        the last refinement or coarsening, whatever the chunks: not below the configured
+        number); the point is analysed again with the new dt."""
+        self.S //= 2
+        self._calm_from = self._unit
+        self.counters["coarsenings"] += 1
+        self._reanalyse(self._a.vecs, self._a.kp)
+        self._settle()
 
     def _single_record(self):
         a = self._a
@@ -999,6 +1028,7 @@ class CentralFlow:
             "time": np.array([self._unit, self._sub, self.S], dtype=np.int64),
             "t0": np.asarray(self.t0, dtype=np.float64),
             "k_track": np.asarray(self._k_track, dtype=np.int64),
+            "calm_from": np.asarray(self._calm_from, dtype=np.int64),
             "key": np.asarray(self._key),
         }
         for name, v in self.state.items():
@@ -1041,6 +1071,7 @@ class CentralFlow:
         self._unit, self._sub = unit, sub
         self.t0 = float(snap["t0"])
         self._k_track = int(snap["k_track"])
+        self._calm_from = int(snap["calm_from"]) if "calm_from" in snap else unit
         self._key = np.asarray(snap["key"], dtype=np.uint32)
         self._V = jnp.asarray(snap["eig.vecs"]) if "eig.vecs" in snap else None
         self._a = None
