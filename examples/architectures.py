@@ -93,6 +93,8 @@ def row_from_report(arch: str, opt: str, rep: dict) -> dict:
         "substeps": rep["config"]["central"]["substeps"],
         # after the step control's refinements (older reports: as configured)
         "substeps_final": tm.get("central_substeps") or rep["config"]["central"]["substeps"],
+        "refinements": tm.get("central_counters", {}).get("refinements", 0),
+        "coarsenings": tm.get("central_counters", {}).get("coarsenings", 0),
         "params": get_problem(arch).n,
         "threshold": rep["threshold"],
         "eos_start": rep["eos_start"],
@@ -134,8 +136,11 @@ def table_md(rows: list[dict]) -> str:
         hyper = ", ".join(f"{k} {v:g}" for k, v in r["hyper"].items())
         wall = f"{r['wall_s']:.0f} s" if r["wall_s"] else "—"  # on shared cores
         substeps, final = r.get("substeps", ""), r.get("substeps_final")
+        refined, coarsened = r.get("refinements", 0), r.get("coarsenings", 0)
         if final and final != substeps:  # refined by the step control
             substeps = f"{substeps} → {final}"
+        elif refined:  # refined, then coarsened back
+            substeps = f"{substeps} (refined {refined}×, coarsened {coarsened}×)"
         lines.append(
             f"| {r['architecture']} | {r['optimizer']} | {hyper} | {r['params']:,} "
             f"| {r['eos_start']} | {r['restart_at']} | {r['central_distance_rel']:.3f} "
