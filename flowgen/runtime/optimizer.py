@@ -118,5 +118,8 @@ class Optimizer:
 
 
 def tree_finite(tree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+    """Whether every leaf of ``tree`` is finite, as a JAX boolean (works under ``jit``)."""
+    finite = jnp.asarray(True)
+    for x in jax.tree_util.tree_leaves(tree):
+        finite = finite & jnp.all(jnp.isfinite(x))
+    return finite

@@ -24,7 +24,7 @@ import numpy as np
 from flowgen.errors import SimulationError
 from flowgen.precision import in_float64
 from flowgen.problems import Problem
-from flowgen.runtime.optimizer import Optimizer
+from flowgen.runtime.optimizer import Optimizer, tree_finite
 
 __all__ = ["Chunk", "DiscreteProcess", "SharpnessMeter", "StableFlow"]
 
@@ -74,10 +74,7 @@ class DiscreteProcess:
         def run(w, s, t, K):
             (w, s, _), (ws, ss, Ls, gn) = jax.lax.scan(body, (w, s, t), None, length=K)
             g_last = jnp.linalg.norm(jax.grad(problem.loss)(w))  # of the last iterate
-            finite = jnp.asarray(True)
-            for x in jax.tree_util.tree_leaves(s):
-                finite = finite & jnp.all(jnp.isfinite(x))
-            return w, s, ws, ss, Ls, jnp.append(gn[1:], g_last), finite
+            return w, s, ws, ss, Ls, jnp.append(gn[1:], g_last), tree_finite(s)
 
         self._run = run
         # the loss and gradient norm at a point, as one compiled call (eager, each
