@@ -176,9 +176,11 @@ def test_sigint_writes_checkpoint_and_exits_130(tmp_path):
     assert main(bad) == 2
 
 
+@pytest.mark.slow
 def test_compile_cache_is_used_and_changes_no_output(tmp_path):
     """The CLI keeps compiled code in $FLOWGEN_COMPILE_CACHE; a second run reads it and
-    writes the same report (the cache only shortens start-up)."""
+    writes the same report (the cache only shortens start-up). Two cold CLI
+    processes (35 s on a quiet 2-core machine): slow."""
     cache = tmp_path / "xla"
     reports = []
     for name in ("cold", "warm"):
