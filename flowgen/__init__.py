@@ -9,7 +9,7 @@ source) → ``runtime`` (problems, eigensolver, SDCP, processes, validation) →
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "OptFile", "sweep", "clear_caches", "__version__"]
+__all__ = ["load", "OptFile", "sweep", "clear_caches", "float64", "__version__"]
 
 
 def __getattr__(name):  # lazy: `import flowgen` stays light (no JAX on the derive path)
@@ -21,4 +21,8 @@ def __getattr__(name):  # lazy: `import flowgen` stays light (no JAX on the deri
         from flowgen.runtime.caches import clear_caches
 
         return clear_caches
+    if name == "float64":  # the scoped float64 context (precision.py imports JAX lazily)
+        from flowgen.precision import float64
+
+        return float64
     raise AttributeError(name)
