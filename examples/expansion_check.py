@@ -8,7 +8,7 @@
 Runs the discrete optimizer from the problem's start, and in a window of
 ``--window`` iterates around each time in ``--at`` compares the time-averaged
 gradient with its expansion around the window's mean iterate
-(:func:`flowgen.runtime.expansion.expansion_check`): the second-order model
+(:class:`flowgen.runtime.expansion.ExpansionChecker`): the second-order model
 ``∇L(w̄) + ½∇³L[C]`` is the central flow's, with the oscillation's covariance
 ``C`` measured instead of predicted. Its relative residual is the error of the
 flow's drift that no choice of Σ and no integrator can remove. The terms of
@@ -29,7 +29,7 @@ from rich.table import Table
 import flowgen
 from flowgen.errors import FlowgenError
 from flowgen.problems import get_problem, parse_problem_options
-from flowgen.runtime.expansion import expansion_check
+from flowgen.runtime.expansion import ExpansionChecker
 from flowgen.runtime.processes import DiscreteProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,10 +48,11 @@ def _measure(args, hyper: dict, half: int) -> list[dict]:
         proc = DiscreteProcess(opt, problem, problem.w0)
         chunks = -(-args.steps // 50)
         iterates = np.concatenate([np.asarray(proc.advance(50).w) for _ in range(chunks)])
+        check = ExpansionChecker(problem.loss, args.order)
         rows = []
         for t in args.at:  # iterates[i] is the iterate after step i + 1
             window = iterates[t - half - 1 : t + half - 1]
-            rows.append({"t": t, **expansion_check(problem.loss, window, args.order).as_dict()})
+            rows.append({"t": t, **check(window).as_dict()})
     return rows
 
 

@@ -118,12 +118,14 @@ class OptFile:
         out=None,
         resume: bool = False,
         refine_tol: float | None = None,
+        check_expansion: bool = False,
         **hyper: float,
     ):
         """Discrete, central and stable processes compared (``flowgen validate``).
 
         ``refine_tol``: the central flow's step control (``CentralConfig.refine_tol``,
-        default 0.02; 0 turns it off).
+        default 0.02; 0 turns it off). ``check_expansion``: measure the flow's
+        second-order average against the discrete run (``--check-expansion``).
 
         Returns a ``ValidationResult``; with ``out`` also checkpoints there after
         every chunk (``resume=True`` continues from it) and writes report.json,
@@ -140,6 +142,7 @@ class OptFile:
             chunk=chunk,
             eig_every=eig_every,
             central=CentralConfig.given(substeps=substeps, refine_tol=refine_tol),
+            check_expansion=check_expansion,
         )
         store = _store(out, "validate", opt, prob, cfg)
         res = validate(opt, prob, cfg, progress=progress, store=store, resume=resume)

@@ -316,6 +316,7 @@ def cmd_validate(args) -> int:
         chunk=args.chunk,
         eig_every=args.eig_every or 1,
         central=_central_config(args),
+        check_expansion=args.check_expansion,
     )
     out = Path(args.out or f"runs/validate-{opt.name}-{problem.name}")
     res = _with_phases(validate, opt, problem, cfg, command="validate", out=out, resume=args.resume)
@@ -521,6 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--substeps", type=int, default=None, help="Euler substeps per step (default 2)")
     _add_refine_tol(p)
+    p.add_argument(
+        "--check-expansion",
+        action="store_true",
+        help="once the flows run, measure at every chunk how far the gradient's time "
+        "average over the discrete oscillation is from the flow's second-order expansion "
+        "(tells a failure of the theory from one of the flow)",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 unless the verdict is pass")
     p.set_defaults(func=cmd_validate)
 

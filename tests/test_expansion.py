@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT
 
+import flowgen
 from flowgen.errors import SimulationError, UsageError
+from flowgen.problems import QUADRATIC_EOS_LR, get_problem
 from flowgen.runtime.expansion import expansion_check
+from flowgen.runtime.validate import ValidateConfig, validate
 
 EXAMPLE = ROOT / "examples" / "expansion_check.py"
 
@@ -87,3 +91,29 @@ def test_example_script_measures_a_small_oscillation_and_refuses_bad_input(capsy
     assert row["relative"] < 1e-5  # … and the flow's average is the run's
     assert module.main(["--problem", "nosuch"]) == 2
     assert "unknown built-in problem" in capsys.readouterr().err
+
+
+def test_validate_checks_the_expansion_without_changing_the_flows():
+    """``check_expansion``: at the end of every chunk once the flows run, the error of the
+    second-order average over the chunk's last discrete iterates; nothing else changes."""
+    prob = get_problem("quadratic")
+    opt = flowgen.load(ROOT / "optimizers" / "gd.opt").optimizer(lr=QUADRATIC_EOS_LR)
+    cfg = ValidateConfig(steps=330, restart_at=300, chunk=10)
+    plain = validate(opt, prob, cfg)
+    checked = validate(opt, prob, replace(cfg, check_expansion=True))
+    err = checked.series["expansion_error"]
+    assert np.flatnonzero(np.isfinite(err)).tolist() == [310, 320, 330]
+    assert np.all(err[[310, 320, 330]] < 1e-4)  # a cubic correction: the expansion holds
+    assert np.all(checked.series["oscillation_rms"][[310, 320, 330]] > 1e-3)
+    sm = checked.summary
+    assert sm["expansion_error_median"] == pytest.approx(np.median(err[[310, 320, 330]]))
+    assert sm["expansion_error_max"] == pytest.approx(np.max(err[[310, 320, 330]]))
+    assert plain.summary["expansion_error_median"] is None
+    assert np.all(np.isnan(plain.series["expansion_error"]))
+    for key, values in plain.series.items():
+        if key in ("expansion_error", "oscillation_rms"):
+            continue
+        np.testing.assert_array_equal(checked.series[key], values, err_msg=key)
+    assert {k: v for k, v in sm.items() if not k.startswith("expansion")} == {
+        k: v for k, v in plain.summary.items() if not k.startswith("expansion")
+    }

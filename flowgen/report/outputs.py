@@ -301,9 +301,30 @@ def validation_summary(res, out: Path, console) -> None:
     )
     tab.add_row("sharpness rel. error (median)", f"{sm['sharpness_rel_err']:.4f}", "")
     tab.add_row("stable flow max sharpness", f"{sm['stable_sharpness_max']:.4g}", "")
+    med = sm.get("expansion_error_median")
+    if med is not None:
+        from flowgen.runtime.validate import EXPANSION_LIMIT
+
+        tab.add_row(
+            "2nd-order average error (median / max)",
+            f"{med:.4f} / {sm['expansion_error_max']:.4f}",
+            f"≤ {EXPANSION_LIMIT}: the expansion holds",
+        )
     colour = {"pass": "green", "fail": "red", "no-eos": "yellow"}[sm["verdict"]]
     tab.add_row("verdict", f"[bold {colour}]{sm['verdict']}[/]", "")
     console.print(tab)
+    if med is not None and sm["verdict"] == "fail":
+        if med > EXPANSION_LIMIT:
+            console.print(
+                f"the gradient's time average over the run's oscillation is not its "
+                f"second-order expansion (median error {med:.0%}): the central flow, a "
+                "second-order theory, cannot follow this run (docs/mathematics.md §5)"
+            )
+        else:
+            console.print(
+                f"the second-order expansion holds (median error {med:.1%}): what the flow "
+                "misses is the oscillation's own dynamics (Σ) or its integration"
+            )
     t = res.timings
     split = t.get("central_split", {})
     tot = sum(split.values()) or 1.0

@@ -29,7 +29,7 @@ import numpy as np
 from flowgen.errors import SimulationError, UsageError
 from flowgen.precision import in_float64
 
-__all__ = ["ExpansionCheck", "expansion_check"]
+__all__ = ["ExpansionCheck", "ExpansionChecker", "expansion_check"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,56 @@ def _directional(grad: Callable, j: int) -> Callable:
     return lambda w, v: jax.jvp(lambda x: inner(x, v), (w,), (v,))[1]
 
 
-@in_float64
+class ExpansionChecker:
+    """:func:`expansion_check` for one loss, its compiled derivatives kept between calls
+    (one compilation per window width and order)."""
+
+    def __init__(self, loss: Callable[[jax.Array], jax.Array], order: int = 2):
+        if not 2 <= order <= 5:
+            raise UsageError(f"order must be between 2 and 5, got {order}")
+        self.order = int(order)
+        grad = jax.grad(loss)
+        self._grads = jax.jit(jax.vmap(grad))
+        self._grad = jax.jit(grad)
+        self._terms = [
+            jax.jit(jax.vmap(_directional(grad, j), in_axes=(None, 0)))
+            for j in range(2, self.order + 1)
+        ]
+
+    @in_float64
+    def __call__(self, iterates: np.ndarray) -> ExpansionCheck:
+        w = np.asarray(iterates, dtype=np.float64)
+        if w.ndim != 2 or w.shape[0] < 2:
+            raise UsageError(
+                f"expansion_check needs a (W ≥ 2, n) array of iterates, got shape {w.shape}"
+            )
+        if not np.all(np.isfinite(w)):
+            raise SimulationError(
+                "expansion_check: the iterates contain NaN or inf",
+                hint="check the window: the run diverged before it",
+            )
+        wbar = w.mean(0)
+        delta = w - wbar
+        mean_grad = np.asarray(self._grads(jnp.asarray(w))).mean(0)
+        at_mean = np.asarray(self._grad(jnp.asarray(wbar)))
+        model = at_mean.copy()
+        terms, residual = [], []
+        for j, d_j in enumerate(self._terms, start=2):
+            term = np.asarray(d_j(jnp.asarray(wbar), jnp.asarray(delta))).mean(0)
+            term = term / math.factorial(j)
+            model = model + term
+            terms.append(float(np.linalg.norm(term)))
+            residual.append(float(np.linalg.norm(mean_grad - model)))
+        return ExpansionCheck(
+            width=int(w.shape[0]),
+            rms=float(np.sqrt(np.mean(np.sum(delta**2, axis=1)))),
+            mean_grad=float(np.linalg.norm(mean_grad)),
+            grad_at_mean=float(np.linalg.norm(at_mean)),
+            terms=tuple(terms),
+            residual=tuple(residual),
+        )
+
+
 def expansion_check(
     loss: Callable[[jax.Array], jax.Array], iterates: np.ndarray, order: int = 2
 ) -> ExpansionCheck:
@@ -88,38 +137,7 @@ def expansion_check(
     around ``w̄ = mean w_t`` to ``order`` (2 = the central flow's; up to 5).
 
     Use a window of whole periods (an even width for GD's period-two oscillation),
-    so that ``w̄`` is the average the flow describes.
+    so that ``w̄`` is the average the flow describes. To check many windows of one
+    loss, keep an :class:`ExpansionChecker` (it compiles once).
     """
-    w = np.asarray(iterates, dtype=np.float64)
-    if w.ndim != 2 or w.shape[0] < 2:
-        raise UsageError(
-            f"expansion_check needs a (W ≥ 2, n) array of iterates, got shape {w.shape}"
-        )
-    if not 2 <= order <= 5:
-        raise UsageError(f"order must be between 2 and 5, got {order}")
-    if not np.all(np.isfinite(w)):
-        raise SimulationError(
-            "expansion_check: the iterates contain NaN or inf",
-            hint="check the window: the run diverged before it",
-        )
-    wbar = w.mean(0)
-    delta = jnp.asarray(w - wbar)
-    grad = jax.grad(loss)
-    mean_grad = np.asarray(jnp.mean(jax.jit(jax.vmap(grad))(jnp.asarray(w)), 0))
-    at_mean = np.asarray(jax.jit(grad)(jnp.asarray(wbar)))
-    model = at_mean.copy()
-    terms, residual = [], []
-    for j in range(2, order + 1):
-        d_j = jax.jit(jax.vmap(_directional(grad, j), in_axes=(None, 0)))
-        term = np.asarray(jnp.mean(d_j(jnp.asarray(wbar), delta), 0)) / math.factorial(j)
-        model = model + term
-        terms.append(float(np.linalg.norm(term)))
-        residual.append(float(np.linalg.norm(mean_grad - model)))
-    return ExpansionCheck(
-        width=int(w.shape[0]),
-        rms=float(np.sqrt(np.mean(np.sum(np.asarray(delta) ** 2, axis=1)))),
-        mean_grad=float(np.linalg.norm(mean_grad)),
-        grad_at_mean=float(np.linalg.norm(at_mean)),
-        terms=tuple(terms),
-        residual=tuple(residual),
-    )
+    return ExpansionChecker(loss, order)(iterates)

@@ -19,11 +19,17 @@ Summary (``report.json``):
   of |21-step centred window of the discrete loss − predicted loss| / window;
 * ``sharpness_rel_err``: median |windowed discrete sharpness − c| / c there;
 * verdict ``pass`` iff central ≤ 0.10, stable ≥ 3 × central and loss ≤ 0.10;
-  ``no-eos`` when the discrete run never reached the edge.
+  ``no-eos`` when the discrete run never reached the edge;
+* ``expansion_error_median``/``_max`` (with ``check_expansion``): the relative
+  error of the central flow's second-order time average of the gradient, measured
+  on the discrete run's own iterates once the flows run
+  (:mod:`flowgen.runtime.expansion`); ``None`` when not checked. Well above
+  :data:`EXPANSION_LIMIT` the flow, a second-order theory, cannot follow the run.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -32,6 +38,7 @@ from flowgen.errors import UsageError
 from flowgen.problems import Problem
 from flowgen.runtime.central import CentralConfig, CentralFlow
 from flowgen.runtime.checkpoint import CheckpointStore
+from flowgen.runtime.expansion import ExpansionChecker
 from flowgen.runtime.loop import Experiment, FlowLane, Progress, first_crossing
 from flowgen.runtime.optimizer import Optimizer
 from flowgen.runtime.processes import StableFlow
@@ -50,6 +57,11 @@ __all__ = [
 PASS_CENTRAL = 0.10  # central_distance_rel at most this
 PASS_RATIO = 3.0  # stable_distance_rel at least this multiple of central
 PASS_LOSS = 0.10  # loss_pred_rel_err at most this
+#: Iterates per window of the expansion check (whole periods of a period-two
+#: oscillation; fewer when the chunk is shorter).
+EXPANSION_WINDOW = 20
+#: A median expansion error above this: the second-order average is not the run's.
+EXPANSION_LIMIT = 0.10
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,10 @@ class ValidateConfig:
     central: CentralConfig = field(default_factory=CentralConfig)
     stable_rtol: float = 1e-6  # the stable flow's step-size control (RMS of err/(atol+rtol|y|))
     stable_atol: float = 1e-9
+    # once the flows run, check the flow's second-order average of the gradient against
+    # the discrete run's own iterates at the end of every chunk (≈ 4 gradient-equivalents
+    # per step more for the discrete run; no effect on the flows)
+    check_expansion: bool = False
 
 
 @dataclass
@@ -158,6 +174,7 @@ def validate(
     exp = Experiment(
         opt,
         problem,
+        after_chunk=_expansion_recorder(problem, config) if config.check_expansion else None,
         steps=config.steps,
         flows=flows,
         start=config.restart_at,
@@ -176,7 +193,8 @@ def validate(
     for key in (
         "loss_central", "loss_pred", "loss_stable", "sharpness_central", "sharpness_stable",
         "distance_central", "distance_stable", "n_crit", "grad_norm_pred", "grad_norm_stable",
-        "sigma_pred", "sigma_meas", "X_trace", "distance_travelled",
+        "sigma_pred", "sigma_meas", "X_trace", "distance_travelled", "expansion_error",
+        "oscillation_rms",
     ):  # fmt: skip
         series.setdefault(key, np.full(N + 1, np.nan))
     summary = summarise(series, c, N, start, exp.eos_start, exp.restart_at, config)
@@ -193,6 +211,7 @@ def validate(
         "central_counters": dict(central.counters) if central is not None else {},
         "central_substeps": int(central.S) if central is not None else None,
         "central_per_step_s": t.get("central_s", 0.0) / max(N - start, 1),
+        "expansion_s": t.get("expansion_s", 0.0),
         "total_s": float(sum(t.values())),  # every process and measurement, resumes included
     }
     return ValidationResult(
@@ -208,6 +227,30 @@ def validate(
         timings=timings,
         devices=exp.placement.describe(),
     )
+
+
+def _expansion_recorder(problem: Problem, config: ValidateConfig):
+    """``after_chunk`` for :class:`Experiment`: at the end of every chunk once the flows
+    run, the relative error of the second-order average over the chunk's last
+    ``EXPANSION_WINDOW`` discrete iterates (series ``expansion_error``, with the
+    oscillation's size in ``oscillation_rms``)."""
+    width = min(EXPANSION_WINDOW, config.chunk - config.chunk % 2)
+    checker = ExpansionChecker(problem.loss) if width >= 2 else None
+
+    def record(exp: Experiment, rows) -> None:
+        d = rows["discrete"]
+        if checker is None or not exp.procs or len(d.steps) < width:
+            return
+        tic = time.perf_counter()
+        check = checker(np.asarray(d.w)[-width:])
+        step = int(d.steps[-1])
+        exp.series.put("expansion_error", step, check.relative)
+        exp.series.put("oscillation_rms", step, check.rms)
+        exp.timings["expansion_s"] = exp.timings.get("expansion_s", 0.0) + (
+            time.perf_counter() - tic
+        )
+
+    return record
 
 
 def summarise(series, c, N, start, eos_start, restart, config) -> dict:
@@ -231,6 +274,8 @@ def summarise(series, c, N, start, eos_start, restart, config) -> dict:
         if np.isfinite(series["sharpness_stable"]).any()
         else float("nan")
     )
+    exp_err = series["expansion_error"] if "expansion_error" in series else np.full(N + 1, np.nan)
+    exp_err = exp_err[np.isfinite(exp_err)]
     if eos_start is None:
         verdict = "no-eos"
     elif cd <= PASS_CENTRAL and sd >= PASS_RATIO * cd and loss_err <= PASS_LOSS:
@@ -244,6 +289,8 @@ def summarise(series, c, N, start, eos_start, restart, config) -> dict:
         "sharpness_rel_err": sharp_err,
         "stable_sharpness_max": st_max,
         "steps_compared": int(ok.sum()),
+        "expansion_error_median": float(np.median(exp_err)) if exp_err.size else None,
+        "expansion_error_max": float(np.max(exp_err)) if exp_err.size else None,
         "verdict": verdict,
         "criteria": {
             "central_distance_rel_max": PASS_CENTRAL,
