@@ -240,6 +240,17 @@ def plot_validation(res, path: Path) -> Path:
     ax.set_title("distance to the discrete run")
     ax.set_xlabel("step")
     ax.legend(fontsize=8)
+    err = s.get("expansion_error")
+    if err is not None and np.isfinite(err).any():  # --check-expansion
+        from flowgen.runtime.validate import EXPANSION_LIMIT
+
+        m = np.isfinite(err)
+        tw = ax.twinx()
+        tw.plot(x[m], 100 * err[m], "x", color="C4", label="2nd-order average error")
+        tw.axhline(100 * EXPANSION_LIMIT, color="C4", lw=0.6, ls=":")
+        tw.set_ylabel("error of the flow's 2nd-order average (%)", color="C4")
+        tw.set_ylim(bottom=0, top=max(2 * 100 * EXPANSION_LIMIT, 1.1 * 100 * np.max(err[m])))
+        tw.legend(fontsize=8, loc="upper left")
     ax = axes[1, 1]
     from flowgen.runtime.validate import centred_window
 
