@@ -108,7 +108,9 @@ def test_validate_checks_the_expansion_without_changing_the_flows():
     sm = checked.summary
     assert sm["expansion_error_median"] == pytest.approx(np.median(err[[310, 320, 330]]))
     assert sm["expansion_error_max"] == pytest.approx(np.max(err[[310, 320, 330]]))
+    assert sm["expansion_holds"] is True
     assert plain.summary["expansion_error_median"] is None
+    assert plain.summary["expansion_holds"] is None
     assert np.all(np.isnan(plain.series["expansion_error"]))
     for key, values in plain.series.items():
         if key in ("expansion_error", "oscillation_rms"):

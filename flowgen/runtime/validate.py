@@ -24,7 +24,8 @@ Summary (``report.json``):
   error of the central flow's second-order time average of the gradient, measured
   on the discrete run's own iterates once the flows run
   (:mod:`flowgen.runtime.expansion`); ``None`` when not checked. Well above
-  :data:`EXPANSION_LIMIT` the flow, a second-order theory, cannot follow the run.
+  :data:`EXPANSION_LIMIT` the flow, a second-order theory, cannot follow the run;
+  ``expansion_holds`` says whether the median is within it.
 """
 
 from __future__ import annotations
@@ -291,6 +292,7 @@ def summarise(series, c, N, start, eos_start, restart, config) -> dict:
         "steps_compared": int(ok.sum()),
         "expansion_error_median": float(np.median(exp_err)) if exp_err.size else None,
         "expansion_error_max": float(np.max(exp_err)) if exp_err.size else None,
+        "expansion_holds": bool(np.median(exp_err) <= EXPANSION_LIMIT) if exp_err.size else None,
         "verdict": verdict,
         "criteria": {
             "central_distance_rel_max": PASS_CENTRAL,
