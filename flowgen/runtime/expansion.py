@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import jax
 import jax.numpy as jnp
@@ -60,16 +60,8 @@ class ExpansionCheck:
         return self.residual[0] / self.mean_grad if self.mean_grad > 0 else 0.0
 
     def as_dict(self) -> dict:
-        """Plain data (for ``--json``)."""
-        return {
-            "width": self.width,
-            "rms": self.rms,
-            "mean_grad": self.mean_grad,
-            "grad_at_mean": self.grad_at_mean,
-            "terms": list(self.terms),
-            "residual": list(self.residual),
-            "relative": self.relative,
-        }
+        """Plain data (for ``--json``): the fields and ``relative``."""
+        return {**asdict(self), "relative": self.relative}
 
 
 def _directional(grad: Callable, j: int) -> Callable:
