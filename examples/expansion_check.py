@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 import flowgen
+from flowgen.cli import parse_sets
 from flowgen.errors import FlowgenError
 from flowgen.problems import get_problem, parse_problem_options
 from flowgen.runtime.expansion import ExpansionChecker
@@ -68,17 +69,11 @@ def main(argv=None) -> int:
     ap.add_argument("--order", type=int, default=4, help="expand up to this order (2..5)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    hyper = {"lr": 0.3} if not args.set else {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            hyper[key.strip()] = float(value)
-        except ValueError:
-            ap.error(f"--set {item}: expected NAME=NUMBER")
     half = args.window // 2
     if args.window < 2 or any(t - half < 1 or t + half > args.steps for t in args.at):
         ap.error(f"every --at time needs {half} steps on each side within 1..--steps")
     try:
+        hyper = parse_sets(args.set) or {"lr": 0.3}  # flowgen's own --set rules
         rows = _measure(args, hyper, half)
     except FlowgenError as err:
         print(err.format(), file=sys.stderr)
